@@ -1,0 +1,21 @@
+"""Dynamics models of p(s', r | s, a) behind one rollout interface."""
+
+from mbrl.dynamics.base import (
+    DifferentiableModel,
+    DynamicsModel,
+    FitReport,
+    Prediction,
+    RolloutState,
+    Transitions,
+)
+from mbrl.dynamics.known import KnownModel
+
+__all__ = [
+    "DifferentiableModel",
+    "DynamicsModel",
+    "FitReport",
+    "KnownModel",
+    "Prediction",
+    "RolloutState",
+    "Transitions",
+]

@@ -1,0 +1,119 @@
+"""The dynamics-model seam: what every model of p(s', r | s, a) offers.
+
+A model is fitted on :class:`Transitions` and returns a :class:`FitReport`. Planners use it
+through the shared rollout interface: :meth:`DynamicsModel.rollout_start` turns real
+observations ``[B, X]`` into ``B * P`` particles (candidate-major: particle ``p`` of start ``b``
+at row ``b * P + p``), and :meth:`DynamicsModel.rollout_step` advances every particle by one
+sampled step. :meth:`DynamicsModel.predict` gives the one-step predictive distribution.
+Models with differentiable mean dynamics also implement :class:`DifferentiableModel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """A batch of real transitions, the input of :meth:`DynamicsModel.fit`."""
+
+    obs: torch.Tensor  # [B, X]
+    act: torch.Tensor  # [B, U]
+    next_obs: torch.Tensor  # [B, X]
+    reward: torch.Tensor  # [B]
+    terminated: torch.Tensor  # [B] bool
+
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
+    def to(self, device: torch.device | str) -> Transitions:
+        return Transitions(
+            *(
+                t.to(device)
+                for t in (self.obs, self.act, self.next_obs, self.reward, self.terminated)
+            )
+        )
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """What a fit did: per-epoch losses, the epoch kept, the elite members."""
+
+    train_loss: tuple[float, ...]  # [epochs] mean training loss per epoch
+    val_loss: tuple[float, ...]  # [epochs] held-out loss per epoch (empty without a split)
+    epochs: int  # epochs run (early stopping may end before the budget)
+    best_epoch: int  # epoch whose weights were kept
+    elites: tuple[int, ...]  # member indices used for prediction (all members when not an ensemble)
+    seconds: float  # wall time of the fit
+
+    @property
+    def final_train_loss(self) -> float:
+        return self.train_loss[-1] if self.train_loss else float("nan")
+
+    @property
+    def best_val_loss(self) -> float:
+        return self.val_loss[self.best_epoch] if self.val_loss else float("nan")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One-step predictive distribution of the next observation (and reward when learned)."""
+
+    mean: torch.Tensor  # [B, X] mean of the next observation
+    var: torch.Tensor  # [B, X] total variance (aleatoric + epistemic) of the next observation
+    reward_mean: torch.Tensor | None = None  # [B] when the model learns the reward
+    reward_var: torch.Tensor | None = None  # [B]
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """Particles inside a model rollout.
+
+    ``obs`` is what reward and termination functions see; ``hidden`` is model-specific state
+    (a latent model's recurrent state, say), ``None`` for models that live in observation space.
+    """
+
+    obs: torch.Tensor  # [B * P, X]
+    reward: torch.Tensor | None = None  # [B * P] reward of the step that led here, if learned
+    hidden: torch.Tensor | None = None  # [B * P, Z] model-specific
+
+
+@runtime_checkable
+class DynamicsModel(Protocol):
+    """The contract every dynamics model fulfils (ensemble, GP, latent model, ground truth)."""
+
+    obs_dim: int
+    act_dim: int
+    learns_reward: bool  # True when rollout_step also predicts the reward
+
+    def fit(self, data: Transitions) -> FitReport:
+        """Fit on real transitions and report the losses."""
+        ...
+
+    def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:
+        """One-step predictive distribution for ``obs [B, X]``, ``act [B, U]``."""
+        ...
+
+    def rollout_start(
+        self, obs: torch.Tensor, particles: int, generator: torch.Generator | None
+    ) -> RolloutState:
+        """Start ``particles`` rollouts from each row of ``obs [B, X]``: state of ``B * P`` rows."""
+        ...
+
+    def rollout_step(
+        self, state: RolloutState, act: torch.Tensor, generator: torch.Generator | None
+    ) -> RolloutState:
+        """Advance every particle by one sampled step under ``act [B * P, U]``."""
+        ...
+
+
+@runtime_checkable
+class DifferentiableModel(Protocol):
+    """Models with differentiable mean dynamics ``x' = f(x, u)``, for gradient planners."""
+
+    def mean_dynamics(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Mean next observation ``[B, X]`` for ``obs [B, X]``, ``act [B, U]``; autograd-able."""
+        ...

@@ -1,0 +1,48 @@
+"""Known dynamics behind the model seam: a deterministic ``x' = f(x, u)`` given as a function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mbrl.dynamics.base import FitReport, Prediction, RolloutState, Transitions
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``f(x [B, X], u [B, U]) -> x' [B, X]``, batched torch."""
+
+
+class KnownModel:
+    """A deterministic model from a known step function (analytic systems, tests, oracles).
+
+    ``fit`` learns nothing and reports no loss; all particles of a start follow one path.
+    The mean dynamics are ``f`` itself, so gradient planners can use it when ``f`` is
+    differentiable.
+    """
+
+    learns_reward = False
+
+    def __init__(self, step_fn: StepFn, obs_dim: int, act_dim: int) -> None:
+        self.step_fn = step_fn
+        self.obs_dim = obs_dim
+        self.act_dim = act_dim
+
+    def fit(self, data: Transitions) -> FitReport:
+        return FitReport((), (), 0, 0, (0,), 0.0)
+
+    def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:
+        mean = self.step_fn(obs, act)
+        return Prediction(mean=mean, var=torch.zeros_like(mean))
+
+    def mean_dynamics(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.step_fn(obs, act)
+
+    def rollout_start(
+        self, obs: torch.Tensor, particles: int, generator: torch.Generator | None = None
+    ) -> RolloutState:
+        return RolloutState(obs=obs.repeat_interleave(particles, dim=0))
+
+    def rollout_step(
+        self, state: RolloutState, act: torch.Tensor, generator: torch.Generator | None = None
+    ) -> RolloutState:
+        return RolloutState(obs=self.step_fn(state.obs, act))
