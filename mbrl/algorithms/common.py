@@ -1,0 +1,108 @@
+"""What the algorithms share at the edges: planner configs, devices, progress, summaries."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from mbrl.planners import CEM, RandomShooting
+from mbrl.planners.base import Planner
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class PlannerConfig:
+    """A sampling planner: random shooting, CEM, or CEM with the iCEM improvements."""
+
+    name: str = "cem"
+    """cem, icem (CEM with colored noise, kept and shifted elites) or random."""
+    population: int = 500
+    """Candidates N per iteration."""
+    elite_fraction: float = 0.1
+    """Share of the population refitted to (CEM)."""
+    iterations: int = 5
+    """Refits per plan (CEM)."""
+    alpha: float = 0.1
+    """Smoothing: new = alpha * old + (1 - alpha) * elite statistics (CEM)."""
+    noise_beta: float = 2.0
+    """Colored-noise exponent of iCEM (0 is white noise); used by icem only."""
+    keep_elites_fraction: float = 0.3
+    """Share of elites carried to the next iteration (icem only)."""
+    population_decay: float = 1.25
+    """iCEM's population shrink factor per iteration (icem only)."""
+
+
+def make_planner(cfg: PlannerConfig) -> Planner:
+    """The planner a :class:`PlannerConfig` describes."""
+    if cfg.name == "random":
+        return RandomShooting(population=cfg.population)
+    if cfg.name == "cem":
+        return CEM(
+            population=cfg.population,
+            elite_fraction=cfg.elite_fraction,
+            iterations=cfg.iterations,
+            alpha=cfg.alpha,
+        )
+    if cfg.name == "icem":
+        return CEM(
+            population=cfg.population,
+            elite_fraction=cfg.elite_fraction,
+            iterations=cfg.iterations,
+            alpha=cfg.alpha,
+            noise_beta=cfg.noise_beta,
+            keep_elites_fraction=cfg.keep_elites_fraction,
+            shift_elites=True,
+            population_decay=cfg.population_decay,
+        )
+    raise ValueError(f"unknown planner {cfg.name!r}; valid names: cem, icem, random")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, refusing CUDA when this machine has none."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {device!r} was asked for but CUDA is not available here; use --device cpu"
+        )
+    return dev
+
+
+def progress_bar(total: int, desc: str) -> tqdm:
+    """A step progress bar (shown on terminals only)."""
+    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=not sys.stderr.isatty())
+
+
+@dataclass(frozen=True)
+class Summary:
+    """How a run went, printed at its end."""
+
+    returns: tuple[float, ...]  # [trials] return of each learning episode
+    solved_return: float | None
+    first_solved: int | None  # 1-based trial of the first solved episode
+    wall_seconds: float
+
+    @classmethod
+    def from_returns(
+        cls, returns: Sequence[float], solved_return: float | None, wall_seconds: float
+    ) -> Summary:
+        first = None
+        if solved_return is not None:
+            first = next((i + 1 for i, r in enumerate(returns) if r >= solved_return), None)
+        return cls(tuple(float(r) for r in returns), solved_return, first, wall_seconds)
+
+    def text(self, label: str) -> str:
+        rets = ", ".join(f"{r:.1f}" for r in self.returns)
+        lines = [f"{label}: returns per trial [{rets}] in {self.wall_seconds:.0f} s"]
+        if self.solved_return is not None:
+            if self.first_solved is not None:
+                lines.append(
+                    f"solved: return >= {self.solved_return:g} first at trial {self.first_solved}"
+                )
+            else:
+                lines.append(f"not solved: no trial reached {self.solved_return:g}")
+        return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""The ``mbrl`` command line.
+
+mbrl envs                                    list the env registry
+mbrl run ALGO --env NAME [key=value ...]     train, writing runs/<name>/
+mbrl resume runs/<name>                      continue a killed run from its checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from mbrl import algorithms, envs
+from mbrl.config import ConfigError, from_dict, load_config
+from mbrl.runs import CheckpointError, Run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mbrl", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("envs", help="list the registered envs")
+
+    run_p = sub.add_parser("run", help="train an algorithm, writing runs/<name>/")
+    run_p.add_argument("algo", help=f"one of: {', '.join(sorted(algorithms.ALGORITHMS))}")
+    run_p.add_argument("--env", help="registry name (see `mbrl envs`)")
+    run_p.add_argument("--config", help="YAML file of config values (see experiments/)")
+    run_p.add_argument("--seed", type=int, help="shorthand for seed=N")
+    run_p.add_argument("--name", help="run folder name (default ALGO-ENV-seedN)")
+    run_p.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
+    run_p.add_argument("--device", default="cpu", help="cpu or cuda")
+    run_p.add_argument("overrides", nargs="*", help="config overrides key=value")
+
+    res_p = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    res_p.add_argument("path", help="the run folder, runs/<name>")
+    res_p.add_argument("--device", help="override the device the run was started with")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "envs":
+            return _envs()
+        if args.command == "run":
+            return _run(args)
+        if args.command == "resume":
+            return _resume(args)
+    except (KeyError, ConfigError, CheckpointError, FileExistsError, RuntimeError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"mbrl: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _envs() -> int:
+    width = max(len(n) for n in envs.names())
+    for name in envs.names():
+        spec = envs.make(name)
+        print(
+            f"{name:<{width}}  X={spec.obs_dim:<3} U={spec.act_dim:<2} "
+            f"T={spec.max_episode_steps:<5} {spec.description}"
+        )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    module = algorithms.get(args.algo)
+    overrides = list(args.overrides)
+    if args.env is not None:
+        envs.make(args.env)  # unknown names fail here, listing the valid ones
+        overrides.append(f"env={args.env}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = load_config(module.Config, args.config, overrides)
+    name = args.name or f"{args.algo}-{cfg.env}-seed{cfg.seed}"
+    path = Path(args.runs_dir) / name
+    if (path / "checkpoint.pt").exists() or (path / "config.yaml").exists():
+        raise FileExistsError(
+            f"run folder {path} already exists; continue it with `mbrl resume {path}` "
+            f"or pick another --name"
+        )
+    meta = {"algo": args.algo, "device": args.device}
+    return _train(module, cfg, Run(path, cfg, meta), args.device, args.algo)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not (path / "config.yaml").exists() or not (path / "run.yaml").exists():
+        raise FileExistsError(f"{path} is not a run folder (no config.yaml / run.yaml in it)")
+    meta = yaml.safe_load((path / "run.yaml").read_text())
+    module = algorithms.get(meta["algo"])
+    cfg = from_dict(module.Config, yaml.safe_load((path / "config.yaml").read_text()) or {})
+    device = args.device or meta.get("device", "cpu")
+    return _train(module, cfg, Run(path, cfg), device, meta["algo"])
+
+
+def _train(module, cfg, run: Run, device: str, algo: str) -> int:
+    print(f"{algo} on {cfg.env}, seed {cfg.seed}: writing {run.path}", flush=True)
+    summary = module.train(cfg, run, device=device)
+    print(summary.text(f"{algo} on {cfg.env}"))
+    print(f"metrics: {run.metrics_path}\nplot: {run.path / 'learning_curve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""A run folder: resolved config, ``metrics.csv``, checkpoints and plots.
+
+Layout of ``runs/<name>/``::
+
+    config.yaml       the resolved config (what ``mbrl resume`` reads back)
+    run.yaml          algorithm, env, seed and device of the run
+    metrics.csv       one row per logged step (episodes for PETS)
+    checkpoint.pt     the latest checkpoint, written atomically
+    learning_curve.png
+
+Checkpoints are written to a temporary file and renamed, so a run killed at any moment leaves
+the previous checkpoint intact. They hold only tensors, numbers, strings, lists and dicts and
+are read with ``torch.load(weights_only=True)``: nothing in them is ever executed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from mbrl.config import save_config, to_dict
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: corrupt, truncated, or from another config."""
+
+
+def config_hash(cfg: Any) -> str:
+    """A stable digest of a config dataclass (its plain-dict form)."""
+    text = json.dumps(to_dict(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Run:
+    """The folder of one run.
+
+    Args:
+        path: ``runs/<name>``; created if missing.
+        cfg: the resolved config dataclass (saved as ``config.yaml`` on creation).
+        meta: algorithm, env, seed, device: what the CLI needs to resume the run.
+    """
+
+    def __init__(self, path: str | Path, cfg: Any, meta: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.hash = config_hash(cfg)
+        self.metrics_path = self.path / "metrics.csv"
+        self.checkpoint_path = self.path / "checkpoint.pt"
+        if not (self.path / "config.yaml").exists():
+            save_config(cfg, self.path / "config.yaml")
+        if meta is not None and not (self.path / "run.yaml").exists():
+            with (self.path / "run.yaml").open("w") as f:
+                yaml.safe_dump(meta, f, sort_keys=False)
+        self._rows = self._count_rows()
+        self._columns: list[str] | None = self._read_columns()
+
+    # -- metrics -----------------------------------------------------------------------------
+    def log(self, **metrics: float | int | str) -> None:
+        """Append one row to ``metrics.csv`` (the first row fixes the columns)."""
+        if self._columns is None:
+            self._columns = list(metrics)
+            with self.metrics_path.open("w", newline="") as f:
+                csv.writer(f).writerow(self._columns)
+        missing = set(metrics) - set(self._columns)
+        if missing:
+            raise ValueError(f"metrics {sorted(missing)} are not columns of {self.metrics_path}")
+        with self.metrics_path.open("a", newline="") as f:
+            csv.writer(f).writerow([_fmt(metrics.get(c, "")) for c in self._columns])
+        self._rows += 1
+
+    def metrics(self) -> list[dict[str, str]]:
+        """The rows of ``metrics.csv`` as dicts of strings."""
+        if not self.metrics_path.exists():
+            return []
+        with self.metrics_path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _count_rows(self) -> int:
+        return len(self.metrics())
+
+    def _read_columns(self) -> list[str] | None:
+        if not self.metrics_path.exists():
+            return None
+        with self.metrics_path.open(newline="") as f:
+            return next(csv.reader(f), None)
+
+    def _truncate_metrics(self, rows: int) -> None:
+        """Drop rows logged after the checkpoint (a run killed between log and checkpoint)."""
+        kept = self.metrics()[:rows]
+        if self._columns is None:
+            return
+        with self.metrics_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self._columns)
+            writer.writeheader()
+            writer.writerows(kept)
+        self._rows = len(kept)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Atomically write ``state`` (tensors, numbers, strings, lists, dicts) with the config
+        digest and the number of metric rows it covers."""
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "config_hash": self.hash,
+            "metrics_rows": self._rows,
+            "state": state,
+        }
+        tmp = self.checkpoint_path.with_suffix(".pt.tmp")
+        torch.save(payload, tmp)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The state of the latest checkpoint, or ``None`` when there is none.
+
+        Rows of ``metrics.csv`` logged after that checkpoint are dropped, since the resumed
+        run logs them again.
+
+        Raises:
+            CheckpointError: corrupt or truncated file, another format, or another config.
+        """
+        if not self.checkpoint_path.exists():
+            self._truncate_metrics(0)
+            return None
+        payload = load_checkpoint_file(self.checkpoint_path)
+        if payload["config_hash"] != self.hash:
+            raise CheckpointError(
+                f"{self.checkpoint_path} was written by a run with another config "
+                f"(digest {payload['config_hash']}, this config {self.hash}); resume with the "
+                f"run's own config.yaml, or start a new run under another --name"
+            )
+        self._truncate_metrics(int(payload["metrics_rows"]))
+        return payload["state"]
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """Read and check a checkpoint file with ``weights_only=True``."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, forbidden global ...
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated and was refused ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); delete it to restart the run from scratch"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} is not an mbrl checkpoint of format {CHECKPOINT_FORMAT}"
+        )
+    return payload
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+# -- RNG state ---------------------------------------------------------------------------------
+def numpy_rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """A numpy generator's state as a checkpoint-safe dict (big ints as strings)."""
+    state = rng.bit_generator.state
+    return json.loads(json.dumps(state, default=str), parse_int=str)
+
+
+def set_numpy_rng_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
+    rng.bit_generator.state = _ints(state)
+
+
+def _ints(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
