@@ -1,6 +1,17 @@
-"""Environments: the registry of gymnasium envs with batched torch reward and termination."""
+"""Environments: the registry of gymnasium envs with batched torch reward and termination.
+
+Importing ``mbrl.envs`` registers: cartpole-balance, cartpole-swingup, pendulum,
+inverted-pendulum, reacher, pusher, half-cheetah, hopper (see :mod:`mbrl.envs.tasks`).
+"""
 
 from mbrl.envs.registry import make, names, register
 from mbrl.envs.spec import EnvSpec, RewardFn, TerminationFn, never_terminates
+from mbrl.envs.tasks import register_all
+
+register_all()
 
 __all__ = ["EnvSpec", "RewardFn", "TerminationFn", "make", "names", "never_terminates", "register"]
+
+# analytic systems with torch and casadi twins: pendulum-swingup, cartpole-swingup-analytic,
+# acrobot-swingup, double-integrator (see mbrl.envs.systems)
+from mbrl.envs import systems as _systems  # noqa: E402, F401

@@ -1,0 +1,224 @@
+"""The env registry: every entry's torch reward and termination equal the env's own on real
+random-action rollouts; env checker; names; errors; batching; seeding."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import mbrl.envs
+from mbrl.envs import cartpole, tasks
+
+ALL = [
+    "cartpole-balance",
+    "cartpole-swingup",
+    "pendulum",
+    "inverted-pendulum",
+    "reacher",
+    "pusher",
+    "half-cheetah",
+    "hopper",
+]
+TERMINATING = {"cartpole-balance", "inverted-pendulum", "hopper"}
+
+
+def _rollouts(name: str, steps: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``steps`` random-action transitions across resets: obs, act, next_obs [T, *], reward,
+    terminated [T]."""
+    spec = mbrl.envs.make(name)
+    env = spec.make()
+    env.action_space.seed(seed)
+    obs_l, act_l, nxt_l, rew_l, term_l = [], [], [], [], []
+    obs, _ = env.reset(seed=seed)
+    episode = 0
+    for _ in range(steps):
+        act = env.action_space.sample()
+        nxt, rew, term, trunc, _ = env.step(act)
+        obs_l.append(obs)
+        act_l.append(act)
+        nxt_l.append(nxt)
+        rew_l.append(rew)
+        term_l.append(term)
+        obs = nxt
+        if term or trunc:
+            episode += 1
+            obs, _ = env.reset(seed=seed + episode)
+    env.close()
+
+    def f32(x: list) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), dtype=torch.float32)
+
+    return {
+        "obs": f32(obs_l),
+        "act": f32(act_l),
+        "next_obs": f32(nxt_l),
+        "reward": f32(rew_l),
+        "terminated": torch.as_tensor(term_l),
+    }
+
+
+@pytest.fixture(scope="module", params=ALL)
+def rollout(request: pytest.FixtureRequest) -> tuple[str, dict[str, torch.Tensor]]:
+    return request.param, _rollouts(request.param, steps=240)
+
+
+def test_names_lists_all_eight() -> None:
+    assert mbrl.envs.names() == sorted(ALL)
+
+
+def test_unknown_name_raises_with_valid_names() -> None:
+    with pytest.raises(KeyError) as err:
+        mbrl.envs.make("nope")
+    msg = str(err.value)
+    assert "nope" in msg
+    for name in ALL:
+        assert name in msg
+
+
+def test_reward_and_termination_equal_the_env(rollout) -> None:
+    name, r = rollout
+    spec = mbrl.envs.make(name)
+    reward = spec.reward_fn(r["obs"], r["act"], r["next_obs"])
+    assert reward.shape == r["reward"].shape and reward.dtype == torch.float32
+    scale = max(1.0, float(r["reward"].abs().max()))
+    torch.testing.assert_close(reward, r["reward"], rtol=1e-5, atol=1e-4 * scale)
+    term = spec.termination_fn(r["next_obs"])
+    assert term.dtype == torch.bool and term.shape == r["terminated"].shape
+    assert torch.equal(term, r["terminated"])
+    if name in TERMINATING:  # the comparison above saw both outcomes
+        assert r["terminated"].any() and not r["terminated"].all()
+    # the rewards vary, so equality above is not a constant matching a constant
+    if name not in {"cartpole-balance", "inverted-pendulum"}:
+        assert float(r["reward"].std()) > 1e-3
+
+
+def test_fns_take_any_leading_batch(rollout) -> None:
+    name, r = rollout
+    spec = mbrl.envs.make(name)
+    flat = spec.reward_fn(r["obs"], r["act"], r["next_obs"])  # [B]
+    b = (flat.shape[0] // 6) * 6
+    x, u = r["obs"].shape[-1], r["act"].shape[-1]
+    shaped = spec.reward_fn(
+        r["obs"][:b].reshape(2, 3, -1, x),
+        r["act"][:b].reshape(2, 3, -1, u),
+        r["next_obs"][:b].reshape(2, 3, -1, x),
+    )
+    assert shaped.shape == (2, 3, b // 6)
+    torch.testing.assert_close(shaped.reshape(-1), flat[:b])
+    term = spec.termination_fn(r["next_obs"][:b].reshape(2, 3, -1, x))
+    assert term.shape == (2, 3, b // 6)
+    assert torch.equal(term.reshape(-1), spec.termination_fn(r["next_obs"][:b]))
+    one = spec.reward_fn(r["obs"][:1], r["act"][:1], r["next_obs"][:1])
+    assert one.shape == (1,)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_spec_matches_env(name: str) -> None:
+    spec = mbrl.envs.make(name)
+    env = spec.make()
+    assert env.observation_space.shape == (spec.obs_dim,)
+    assert env.action_space.shape == (spec.act_dim,)
+    np.testing.assert_array_equal(env.action_space.low, spec.action_low)
+    np.testing.assert_array_equal(env.action_space.high, spec.action_high)
+    assert env.spec.max_episode_steps == spec.max_episode_steps
+    assert spec.description and spec.name == name and spec.solved_return is not None
+    low, high = spec.action_bounds()
+    assert low.dtype == torch.float32 and low.shape == (spec.act_dim,)
+    assert bool((low < high).all())
+    env.close()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_env_checker(name: str) -> None:
+    env = mbrl.envs.make(name).make()
+    check_env(env.unwrapped, skip_render_check=True)
+    env.close()
+
+
+def test_forward_reward_dt_matches_env() -> None:
+    for name, dt in (("half-cheetah", tasks.HALF_CHEETAH_DT), ("hopper", tasks.HOPPER_DT)):
+        env = mbrl.envs.make(name).make()
+        assert math.isclose(env.unwrapped.dt, dt, rel_tol=1e-12)
+        env.close()
+
+
+def test_make_refuses_reward_changing_kwargs() -> None:
+    spec = mbrl.envs.make("half-cheetah")
+    with pytest.raises(ValueError, match="ctrl_cost_weight"):
+        spec.make(ctrl_cost_weight=0.5)
+
+
+def test_register_twice_is_an_error() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        mbrl.envs.register("pendulum", tasks.SPECS["pendulum"])
+    tasks.register_all()  # idempotent: registers nothing new
+    assert mbrl.envs.names() == sorted(ALL)
+
+
+@pytest.mark.parametrize("name", ["cartpole-balance", "cartpole-swingup"])
+def test_custom_envs_are_seeded(name: str) -> None:
+    def run(seed: int) -> np.ndarray:
+        env = mbrl.envs.make(name).make()
+        obs, _ = env.reset(seed=seed)
+        out = [obs]
+        for _ in range(20):
+            obs, *_ = env.step(np.full(1, 0.3, dtype=np.float32))
+            out.append(obs)
+        return np.stack(out)
+
+    np.testing.assert_array_equal(run(3), run(3))
+    assert not np.array_equal(run(3), run(4))
+
+
+def test_cartpole_balance_known_step() -> None:
+    """One Euler step of CartPole-v1's equations from a hand-set state, force 10 * 0.5 N."""
+    env = gym.make("mbrl/CartpoleBalance-v0")
+    env.reset(seed=0)
+    env.unwrapped.state = np.array([0.1, 0.2, 0.05, -0.1])
+    obs, reward, term, trunc, _ = env.step(np.array([0.5], dtype=np.float32))
+    # by hand: temp = (5 + 0.05 * 0.01 * sin .05) / 1.1; thacc = (9.8 sin .05 - cos .05 temp) /
+    # (0.5 (4/3 - 0.1 cos^2 .05 / 1.1)); xacc = temp - 0.05 thacc cos .05 / 1.1
+    s, c = math.sin(0.05), math.cos(0.05)
+    temp = (5.0 + 0.05 * 0.01 * s) / 1.1
+    thacc = (9.8 * s - c * temp) / (0.5 * (4 / 3 - 0.1 * c * c / 1.1))
+    xacc = temp - 0.05 * thacc * c / 1.1
+    want = [0.1 + 0.02 * 0.2, 0.2 + 0.02 * xacc, 0.05 - 0.02 * 0.1, -0.1 + 0.02 * thacc]
+    np.testing.assert_allclose(obs, want, rtol=1e-6)
+    assert reward == 1.0 and not term and not trunc
+    # the step that terminates still gives 1, as in CartPole
+    env.unwrapped.state = np.array([2.399, 1.0, 0.0, 0.0])
+    _, reward, term, _, _ = env.step(np.array([1.0], dtype=np.float32))
+    assert term and reward == 1.0
+    env.close()
+
+
+def test_swingup_geometry_and_start() -> None:
+    """Tip site at (x - 0.6 sin th, 0.6 cos th); starts hanging; upright at x=0 scores 1."""
+    env = mbrl.envs.make("cartpole-swingup").make()
+    obs, _ = env.reset(seed=0)
+    assert abs(obs[1] - math.pi) < 0.5 and abs(obs[0]) < 0.5
+    u = env.unwrapped
+    u.set_state(np.array([0.0, 0.0]), np.array([0.0, 0.0]))
+    obs, reward, *_ = env.step(np.zeros(1, dtype=np.float32))
+    # upright is an unstable equilibrium: one step from it stays there (to rounding)
+    assert abs(obs[1]) < 1e-6 and reward == pytest.approx(1.0, abs=1e-6)
+    hanging = torch.tensor([[0.0, math.pi, 0.0, 0.0]])
+    r = cartpole.cartpole_swingup_reward(hanging, torch.zeros(1, 1), hanging)
+    torch.testing.assert_close(r, torch.tensor([math.exp(-4.0)]))
+    env.close()
+
+
+def test_swingup_pole_falls_by_gravity() -> None:
+    """From theta = 0.1 with no force, the pole's angle grows (it falls away from upright)."""
+    env = mbrl.envs.make("cartpole-swingup").make()
+    env.reset(seed=0)
+    env.unwrapped.set_state(np.array([0.0, 0.1]), np.array([0.0, 0.0]))
+    for _ in range(5):
+        obs, *_ = env.step(np.zeros(1, dtype=np.float32))
+    assert obs[1] > 0.15 and obs[3] > 0.0
+    env.close()
