@@ -19,3 +19,7 @@ __all__ = [
     "RolloutState",
     "Transitions",
 ]
+
+from mbrl.dynamics.mujoco_model import MujocoModel  # noqa: E402
+
+__all__ += ["MujocoModel"]
