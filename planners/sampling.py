@@ -1,0 +1,453 @@
+"""Sampling planners: random shooting, the cross-entropy method (with the iCEM options) and MPPI.
+
+All three score candidate action sequences ``[N, H, U]`` with
+:meth:`~mbrl.planners.base.PlanningProblem.evaluate` (returns ``[N]``, higher is better, minus
+infinity for rollouts that went non-finite) and draw every random number from
+``problem.generator`` (``None``: torch's default generator, and then no determinism is promised).
+Python loops run over optimizer iterations only; candidates are tensor rows.
+
+Non-finite rollouts: a candidate scored minus infinity is never returned while a finite one
+exists, never enters an elite mean or an MPPI weight, and is counted in :attr:`Plan.nonfinite`.
+When every candidate of a call is non-finite the planner returns its initial mean (the warm
+start, or the middle of the bounds) with ``status="all_nonfinite"``.
+
+Warm start: ``warm_start [H, U]`` (the MPC controller passes the previous plan shifted by the
+steps played) is the initial mean of CEM and MPPI and is itself scored as one candidate of the
+first population of every planner, so a good previous plan is never lost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mbrl.planners.base import Plan, PlanningProblem
+from mbrl.planners.noise import colored_noise, uniform_noise, white_noise
+from mbrl.shapes import ShapeError, check_shape
+
+
+@dataclass(frozen=True)
+class CEMPlan(Plan):
+    """A :class:`~mbrl.planners.base.Plan` that also carries CEM's final elites.
+
+    Shift them with :func:`shift_actions` and pass them back as ``warm_elites`` to the next
+    :meth:`CEM.plan` to reuse them (iCEM's shifted elites, ``shift_elites=True``).
+    """
+
+    elites: torch.Tensor | None = None  # [K, H, U] elites of the last iteration, best first
+
+
+def shift_actions(actions: torch.Tensor, steps: int, fill: torch.Tensor) -> torch.Tensor:
+    """Drop the first ``steps`` actions of ``actions [..., H, U]`` and pad the tail with ``fill``
+    ``[U]`` so that the result keeps the shape ``[..., H, U]`` (the receding-horizon shift)."""
+    if steps < 0:
+        raise ValueError(f"shift_actions: steps must be >= 0, got {steps}")
+    horizon = actions.shape[-2]
+    steps = min(steps, horizon)
+    pad = fill.to(actions).expand(*actions.shape[:-2], steps, actions.shape[-1])
+    return torch.cat([actions[..., steps:, :], pad], dim=-2)
+
+
+class RandomShooting:
+    """Random shooting: score ``population`` sequences drawn uniformly within the action bounds
+    and return the best one (Nagabandi et al. 2018, "Neural Network Dynamics for Model-Based
+    Deep RL with Model-Free Fine-Tuning", Sec. IV-C).
+
+    When a warm start is given it replaces one of the uniform candidates. One iteration; the
+    returned ``expected_return`` is the best candidate's score.
+
+    Args:
+        population: ``N >= 1`` candidates per plan.
+    """
+
+    def __init__(self, population: int = 1000) -> None:
+        _check_int("population", population, 1)
+        self.population = population
+
+    @torch.inference_mode()
+    def plan(
+        self, problem: PlanningProblem, x0: torch.Tensor, warm_start: torch.Tensor | None = None
+    ) -> Plan:
+        """Best of ``population`` uniform candidates ``[N, H, U]`` (plus the warm start)."""
+        low, high, mean0 = _setup(problem, x0, warm_start)
+        before = problem.nonfinite
+        h, u = problem.horizon, problem.act_dim
+        cand = low + (high - low) * uniform_noise(
+            (self.population, h, u), problem.generator, x0.device
+        )  # [N, H, U]
+        if warm_start is not None:
+            cand[-1] = mean0
+        returns = problem.evaluate(x0, cand)  # [N]
+        best = int(torch.argmax(returns))
+        best_return = float(returns[best])
+        nonfinite = problem.nonfinite - before
+        if not math.isfinite(best_return):
+            return Plan(
+                mean0, best_return, status="all_nonfinite", iterations=1, nonfinite=nonfinite
+            )
+        return Plan(
+            cand[best].clone(),
+            best_return,
+            iterations=1,
+            nonfinite=nonfinite,
+            diagnostics={"candidates": float(self.population)},
+        )
+
+
+class CEM:
+    """Cross-entropy method over open-loop action sequences, with the iCEM options.
+
+    CEM (Botev et al. 2013, "The Cross-Entropy Method for Optimization"; as used for planning in
+    PETS, Chua et al. 2018, "Deep RL in a Handful of Trials using Probabilistic Dynamics
+    Models", Sec. 4 / App. A): a diagonal Gaussian over ``[H, U]`` is refitted ``iterations``
+    times to the ``K = max(1, round(elite_fraction * population))`` best candidates, with
+    smoothing ``mean <- alpha * mean + (1 - alpha) * elite_mean`` and the same for the
+    variance. Samples are clipped to the action bounds (clipping, not a truncated normal, as in
+    iCEM; mass beyond a bound lands on the bound).
+
+    Initial distribution: mean = warm start (else the middle of the bounds), std = ``init_std``
+    (else ``(high - low) / 4`` per action dimension, i.e. PETS' variance ``(high - low)^2 / 16``),
+    reset on every call. The std is floored at ``min_std`` after every update.
+
+    iCEM options (Pinneri et al. 2020, "Sample-efficient Cross-Entropy Method for Real-time
+    Planning", Sec. 3):
+
+    - ``noise_beta``: samples are ``mean + std * eps`` with ``eps`` colored ``1 / f^beta`` noise
+      along the horizon (:func:`~mbrl.planners.noise.colored_noise`); 0 is white noise.
+    - ``population_decay`` (iCEM's ``gamma``): iteration ``i`` samples
+      ``max(round(population * gamma^-i), min(2 K, population))`` new candidates.
+    - ``keep_elites_fraction``: the best ``round(keep_elites_fraction * K)`` (at least 1) elites
+      of iteration ``i`` are added to the population of iteration ``i + 1`` and scored again.
+    - ``shift_elites``: the best elites of the previous plan, shifted by the caller
+      (``warm_elites`` of :meth:`plan`, see :class:`CEMPlan` and :func:`shift_actions`), are added
+      to the first population; as many as ``keep_elites_fraction`` keeps (at least 1).
+
+    Stopping rule: exactly ``iterations`` refits, no early stop.
+
+    Returned plan (``return_mean_or_best``): ``"best"`` gives the best candidate scored during
+    the call (its score is ``expected_return``); ``"mean"`` gives the final mean, clipped to the
+    bounds and scored once more; if that score is non-finite the best candidate is returned
+    with ``status="mean_nonfinite"``.
+
+    Args:
+        population: ``N`` candidates sampled in the first iteration.
+        elite_fraction: fraction of the population refitted to, in ``(0, 1]``.
+        iterations: refits per plan, ``>= 1``.
+        alpha: smoothing of the mean and variance updates, in ``[0, 1)``.
+        init_std: initial std in action units (``None``: ``(high - low) / 4``).
+        min_std: floor on the std in action units, ``>= 0``.
+        noise_beta: colored-noise exponent ``>= 0`` (iCEM uses 2 to 2.5).
+        keep_elites_fraction: fraction of elites carried to the next iteration, in ``[0, 1]``.
+        shift_elites: add the caller's shifted previous elites to the first population.
+        population_decay: iCEM's ``gamma >= 1``.
+        return_mean_or_best: ``"best"`` or ``"mean"``.
+    """
+
+    def __init__(
+        self,
+        population: int = 500,
+        elite_fraction: float = 0.1,
+        iterations: int = 5,
+        alpha: float = 0.1,
+        init_std: float | None = None,
+        min_std: float = 0.0,
+        noise_beta: float = 0.0,
+        keep_elites_fraction: float = 0.0,
+        shift_elites: bool = False,
+        population_decay: float = 1.0,
+        return_mean_or_best: str = "best",
+    ) -> None:
+        _check_int("population", population, 1)
+        _check_int("iterations", iterations, 1)
+        _check_range("elite_fraction", elite_fraction, 0.0, 1.0, low_open=True)
+        _check_range("alpha", alpha, 0.0, 1.0, high_open=True)
+        _check_range("keep_elites_fraction", keep_elites_fraction, 0.0, 1.0)
+        _check_range("min_std", min_std, 0.0, math.inf, high_open=True)
+        _check_range("noise_beta", noise_beta, 0.0, math.inf, high_open=True)
+        _check_range("population_decay", population_decay, 1.0, math.inf, high_open=True)
+        if init_std is not None and not (math.isfinite(init_std) and init_std > 0):
+            raise ValueError(f"init_std must be a finite number > 0 or None, got {init_std}")
+        if return_mean_or_best not in ("best", "mean"):
+            raise ValueError(
+                f"return_mean_or_best must be 'best' or 'mean', got {return_mean_or_best!r}"
+            )
+        self.population = population
+        self.elite_fraction = elite_fraction
+        self.iterations = iterations
+        self.alpha = alpha
+        self.init_std = init_std
+        self.min_std = min_std
+        self.noise_beta = noise_beta
+        self.keep_elites_fraction = keep_elites_fraction
+        self.shift_elites = shift_elites
+        self.population_decay = population_decay
+        self.return_mean_or_best = return_mean_or_best
+        self.num_elites = max(1, round(elite_fraction * population))
+        floor = min(2 * self.num_elites, population)
+        self.populations = tuple(
+            max(round(population * population_decay**-i), floor) for i in range(iterations)
+        )
+        self.num_reused = max(1, round(keep_elites_fraction * self.num_elites))
+
+    def _noise(
+        self, shape: tuple[int, int, int], generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
+        if self.noise_beta == 0.0:
+            return white_noise(shape, generator, device)
+        return colored_noise(shape, self.noise_beta, generator, device)
+
+    @torch.inference_mode()
+    def plan(
+        self,
+        problem: PlanningProblem,
+        x0: torch.Tensor,
+        warm_start: torch.Tensor | None = None,
+        warm_elites: torch.Tensor | None = None,
+    ) -> CEMPlan:
+        """Refit a Gaussian over ``[H, U]`` to the elites ``iterations`` times from ``x0 [X]``.
+
+        Args:
+            problem: the planning problem; its generator drives all sampling.
+            x0: ``[X]`` start observation.
+            warm_start: ``[H, U]`` initial mean (and one first-iteration candidate), or ``None``.
+            warm_elites: ``[M, H, U]`` shifted elites of the previous plan, best first; only with
+                ``shift_elites=True``.
+        """
+        low, high, mean0 = _setup(problem, x0, warm_start)
+        h, u = problem.horizon, problem.act_dim
+        if warm_elites is not None:
+            if not self.shift_elites:
+                raise ValueError(
+                    "warm_elites was given but shift_elites=False; construct CEM "
+                    "with shift_elites=True to reuse the previous elites"
+                )
+            _check_actions("warm_elites", warm_elites, ("M", h, u), "[M, H, U]")
+            warm_elites = torch.minimum(torch.maximum(warm_elites.to(low), low), high)
+        gen, device = problem.generator, x0.device
+        before = problem.nonfinite
+        mean = mean0.clone()  # [H, U]
+        if self.init_std is None:
+            std = ((high - low) / 4).expand(h, u).clone()  # [H, U]
+        else:
+            std = torch.full((h, u), self.init_std, device=device)  # [H, U]
+        var = std**2  # [H, U]
+        best_return = torch.tensor(float("-inf"), device=device)
+        best_actions = mean0.clone()  # [H, U]
+        reused = None  # [R, H, U] candidates carried into the next population
+        elites = mean0[None]  # [K, H, U]
+        candidates = 0
+        for i, n_i in enumerate(self.populations):
+            noise = self._noise((n_i, h, u), gen, device)  # [n_i, H, U]
+            cand = torch.minimum(torch.maximum(mean + std * noise, low), high)  # [n_i, H, U]
+            extra = []
+            if i == 0:
+                if warm_start is not None:
+                    extra.append(mean0[None])
+                if warm_elites is not None:
+                    extra.append(warm_elites[: self.num_reused])
+            elif reused is not None:
+                extra.append(reused)
+            if extra:
+                cand = torch.cat([cand, *extra], dim=0)  # [N_i, H, U]
+            returns = problem.evaluate(x0, cand)  # [N_i]
+            candidates += cand.shape[0]
+            k = min(self.num_elites, cand.shape[0])
+            top_returns, top_idx = torch.topk(returns, k)  # [K], [K]
+            elites = cand[top_idx]  # [K, H, U]
+            weight = torch.isfinite(top_returns).float()  # [K]
+            count = weight.sum()
+            w = (weight / count.clamp(min=1.0))[:, None, None]  # [K, 1, 1]
+            elite_mean = (w * elites).sum(dim=0)  # [H, U]
+            elite_var = (w * (elites - elite_mean) ** 2).sum(dim=0)  # [H, U]
+            any_finite = count > 0
+            mean = torch.where(any_finite, self.alpha * mean + (1 - self.alpha) * elite_mean, mean)
+            var = torch.where(any_finite, self.alpha * var + (1 - self.alpha) * elite_var, var)
+            std = var.sqrt().clamp(min=self.min_std)
+            improved = top_returns[0] > best_return
+            best_return = torch.where(improved, top_returns[0], best_return)
+            best_actions = torch.where(improved, elites[0], best_actions)
+            if self.keep_elites_fraction > 0:
+                reused = elites[: self.num_reused]
+        nonfinite_before_mean = problem.nonfinite - before
+        best = float(best_return)
+        diagnostics = {
+            "candidates": float(candidates),
+            "final_std_mean": float(std.mean()),
+            "best_return": best,
+        }
+        common = {"iterations": self.iterations, "elites": elites, "diagnostics": diagnostics}
+        if not math.isfinite(best):
+            return CEMPlan(
+                mean0, best, status="all_nonfinite", nonfinite=nonfinite_before_mean, **common
+            )
+        if self.return_mean_or_best == "best":
+            return CEMPlan(best_actions, best, nonfinite=nonfinite_before_mean, **common)
+        mean = torch.minimum(torch.maximum(mean, low), high)
+        mean_return = float(problem.evaluate(x0, mean[None])[0])
+        nonfinite = problem.nonfinite - before
+        if not math.isfinite(mean_return):
+            return CEMPlan(
+                best_actions, best, status="mean_nonfinite", nonfinite=nonfinite, **common
+            )
+        return CEMPlan(mean, mean_return, nonfinite=nonfinite, **common)
+
+
+class MPPI:
+    """Model predictive path integral control (Williams et al. 2017, "Information Theoretic MPC
+    for Model-Based Reinforcement Learning", Alg. 2), one plan = ``iterations`` updates.
+
+    Each iteration samples ``population`` sequences ``clip(mean + noise_std * eps)`` (``eps``
+    white, or colored with ``noise_beta > 0``), scores them (returns ``R``), and moves the mean to
+    the softmax-weighted average ``sum_n w_n a_n`` with ``w = softmax(R / temperature)`` over
+    the finite candidates (non-finite ones weigh zero). The control-cost term
+    ``lambda * u^T Sigma^-1 eps`` of the paper is left out (it is constant for a fixed
+    ``temperature`` up to the mean's own contribution and most implementations drop it).
+
+    Stopping rule: exactly ``iterations`` updates. The final mean is clipped to the bounds and
+    scored once more; if that score is non-finite, the best sampled candidate is returned with
+    ``status="mean_nonfinite"``.
+
+    Args:
+        population: ``N`` candidates per iteration.
+        temperature: ``lambda > 0``; lower concentrates the weights on the best candidates.
+        noise_std: exploration std in action units, ``> 0``.
+        iterations: updates per plan, ``>= 1``.
+        noise_beta: colored-noise exponent ``>= 0`` (0: white).
+    """
+
+    def __init__(
+        self,
+        population: int = 500,
+        temperature: float = 1.0,
+        noise_std: float = 0.5,
+        iterations: int = 1,
+        noise_beta: float = 0.0,
+    ) -> None:
+        _check_int("population", population, 1)
+        _check_int("iterations", iterations, 1)
+        _check_range("temperature", temperature, 0.0, math.inf, low_open=True)
+        _check_range("noise_std", noise_std, 0.0, math.inf, low_open=True)
+        _check_range("noise_beta", noise_beta, 0.0, math.inf, high_open=True)
+        self.population = population
+        self.temperature = temperature
+        self.noise_std = noise_std
+        self.iterations = iterations
+        self.noise_beta = noise_beta
+
+    @torch.inference_mode()
+    def plan(
+        self, problem: PlanningProblem, x0: torch.Tensor, warm_start: torch.Tensor | None = None
+    ) -> Plan:
+        """``iterations`` path-integral updates of the mean sequence ``[H, U]`` from ``x0 [X]``."""
+        low, high, mean0 = _setup(problem, x0, warm_start)
+        h, u = problem.horizon, problem.act_dim
+        gen, device = problem.generator, x0.device
+        before = problem.nonfinite
+        mean = mean0.clone()  # [H, U]
+        best_return = torch.tensor(float("-inf"), device=device)
+        best_actions = mean0.clone()  # [H, U]
+        for i in range(self.iterations):
+            if self.noise_beta == 0.0:
+                eps = white_noise((self.population, h, u), gen, device)  # [N, H, U]
+            else:
+                eps = colored_noise((self.population, h, u), self.noise_beta, gen, device)
+            cand = torch.minimum(torch.maximum(mean + self.noise_std * eps, low), high)
+            if i == 0 and warm_start is not None:
+                cand = torch.cat([cand, mean0[None]], dim=0)  # [N + 1, H, U]
+            returns = problem.evaluate(x0, cand)  # [N]
+            top = returns.max()
+            # softmax over finite candidates; all -inf leaves the mean where it is
+            weight = torch.softmax((returns - top.clamp(min=-1e30)) / self.temperature, dim=0)
+            weight = torch.nan_to_num(weight, nan=0.0)  # [N]
+            any_finite = torch.isfinite(top)
+            mean = torch.where(any_finite, (weight[:, None, None] * cand).sum(dim=0), mean)
+            improved = top > best_return
+            best_return = torch.where(improved, top, best_return)
+            best_actions = torch.where(improved, cand[torch.argmax(returns)], best_actions)
+        best = float(best_return)
+        diagnostics = {"best_return": best}
+        if not math.isfinite(best):
+            return Plan(
+                mean0,
+                best,
+                status="all_nonfinite",
+                iterations=self.iterations,
+                nonfinite=problem.nonfinite - before,
+                diagnostics=diagnostics,
+            )
+        mean = torch.minimum(torch.maximum(mean, low), high)
+        mean_return = float(problem.evaluate(x0, mean[None])[0])
+        nonfinite = problem.nonfinite - before
+        if not math.isfinite(mean_return):
+            return Plan(
+                best_actions,
+                best,
+                status="mean_nonfinite",
+                iterations=self.iterations,
+                nonfinite=nonfinite,
+                diagnostics=diagnostics,
+            )
+        return Plan(
+            mean,
+            mean_return,
+            iterations=self.iterations,
+            nonfinite=nonfinite,
+            diagnostics=diagnostics,
+        )
+
+
+def _setup(
+    problem: PlanningProblem, x0: torch.Tensor, warm_start: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate ``x0`` and ``warm_start``; bounds ``[U]`` on ``x0``'s device and the initial mean
+    ``[H, U]`` (the warm start clipped to the bounds, else the middle of the bounds)."""
+    if x0.ndim != 1:
+        raise ShapeError(
+            f"x0: expected one observation of shape [X], got {list(x0.shape)}; plan from a single "
+            "state (call plan once per state)"
+        )
+    low = problem.action_low.to(x0.device)  # [U]
+    high = problem.action_high.to(x0.device)  # [U]
+    h, u = problem.horizon, problem.act_dim
+    if warm_start is None:
+        return low, high, ((low + high) / 2).expand(h, u).clone()
+    _check_actions("warm_start", warm_start, (h, u), "[H, U]")
+    mean0 = torch.minimum(torch.maximum(warm_start.to(low), low), high)  # [H, U]
+    return low, high, mean0
+
+
+def _check_actions(name: str, actions: torch.Tensor, expected: tuple, letters: str) -> None:
+    try:
+        check_shape(name, actions, expected)
+    except ShapeError as err:
+        raise ShapeError(
+            f"{err} ({letters} with the problem's horizon and action dim); pass the previous plan "
+            "shifted to the horizon, or None"
+        ) from None
+    if not bool(torch.isfinite(actions).all()):
+        raise ValueError(f"{name} contains NaN or inf; pass finite actions or None")
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_range(
+    name: str,
+    value: float,
+    low: float,
+    high: float,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
