@@ -1,0 +1,166 @@
+"""Normalized advantage functions (Gu et al. 2016, "Continuous Deep Q-Learning with Model-based
+Acceleration", Section 4).
+
+One network gives ``V(s)``, ``mu(s)`` and the entries of a lower-triangular ``L(s)`` whose diagonal
+is made positive by ``exp``; with ``P(s) = L(s) L(s)^T`` (positive definite)
+
+    Q(s, a) = V(s) + A(s, a),    A(s, a) = -1/2 (a - mu(s))^T P(s) (a - mu(s))
+            = V(s) - 1/2 || L(s)^T (a - mu(s)) ||^2,
+
+so ``argmax_a Q(s, a) = mu(s)`` and ``max_a Q(s, a) = V(s)`` in closed form. The target is
+``y = r + gamma (1 - d) V'(s')`` from a Polyak-averaged target network (Algorithm 1).
+Actions are in ``[-1, 1]`` (``mu = tanh(.)``), mapped affinely to the env's bounds; exploration
+adds ``N(0, exploration_noise^2)`` in that unit box and clips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mbrl.dynamics.base import Transitions
+from mbrl.learners.base import one_step_target
+from mbrl.learners.networks import ActionScale, EnsembleMLP, as_batch, frozen_copy, soft_update
+
+
+@dataclass(frozen=True)
+class NAFHeads:
+    """What the NAF network says about a batch of observations."""
+
+    value: torch.Tensor  # [B] V(s)
+    mu: torch.Tensor  # [B, U] greedy unit-box action
+    L: torch.Tensor  # [B, U, U] lower triangular, positive diagonal
+
+
+class NAF:
+    """Continuous Q-learning with a quadratic advantage.
+
+    Args:
+        obs_dim: ``X``.
+        act_dim: ``U``.
+        action_low, action_high: env action bounds ``[U]``.
+        hidden_size, num_layers: MLP sizes (paper: 200, 2).
+        gamma: discount.
+        tau: Polyak rate of the target network (paper: 0.001).
+        lr: Adam learning rate.
+        exploration_noise: std of the Gaussian exploration noise in the unit box.
+        device: where networks and batches live.
+        seed: seeds weight initialisation and the learner's own generator.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        action_low: torch.Tensor | list[float],
+        action_high: torch.Tensor | list[float],
+        hidden_size: int = 256,
+        num_layers: int = 2,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        lr: float = 1e-3,
+        exploration_noise: float = 0.1,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < tau <= 1.0 or not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"need 0 < tau <= 1 and 0 <= gamma <= 1; got tau={tau}, gamma={gamma}")
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.gamma, self.tau = gamma, tau
+        self.exploration_noise = exploration_noise
+        self.device = torch.device(device)
+        self.scale = ActionScale(action_low, action_high, act_dim, self.device)
+        rows, cols = torch.tril_indices(act_dim, act_dim, device=self.device)  # [U(U+1)/2] each
+        self._rows, self._cols = rows, cols
+        self._diag = rows == cols  # [U(U+1)/2]
+        n_out = 1 + act_dim + rows.numel()
+        init = torch.Generator().manual_seed(seed)
+        self.net = EnsembleMLP(1, obs_dim, n_out, hidden_size, num_layers, init).to(self.device)
+        self.net_target = frozen_copy(self.net)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.generator = torch.Generator(self.device).manual_seed(seed + 1)
+        self.updates = 0
+
+    def _heads_of(self, out: torch.Tensor) -> NAFHeads:
+        u = self.act_dim
+        value = out[:, 0]  # [B]
+        mu = torch.tanh(out[:, 1 : 1 + u])  # [B, U]
+        entries = out[:, 1 + u :]  # [B, U(U+1)/2]
+        entries = torch.where(self._diag, entries.clamp(max=10.0).exp(), entries)
+        L = out.new_zeros(out.shape[0], u, u)  # [B, U, U]
+        L[:, self._rows, self._cols] = entries
+        return NAFHeads(value=value, mu=mu, L=L)
+
+    def heads(self, obs: torch.Tensor) -> NAFHeads:
+        """``V``, ``mu`` and ``L`` of the online network for ``obs [B, X]``."""
+        return self._heads_of(self.net(obs)[0])
+
+    def q(self, obs: torch.Tensor, act_unit: torch.Tensor) -> torch.Tensor:
+        """``Q(s, a) = V(s) - 1/2 ||L^T (a - mu)||^2`` ``[B]`` for unit-box actions ``[B, U]``."""
+        h = self.heads(obs)
+        d = (act_unit - h.mu).unsqueeze(-1)  # [B, U, 1]
+        lt_d = h.L.transpose(1, 2) @ d  # [B, U, 1]
+        return h.value - 0.5 * lt_d.squeeze(-1).pow(2).sum(-1)
+
+    @torch.no_grad()
+    def act(
+        self,
+        obs: torch.Tensor,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Env-unit actions ``mu(s)``, plus clipped Gaussian noise unless ``deterministic``."""
+        x, single = as_batch(obs, self.obs_dim, self.device)
+        a = self.heads(x).mu  # [B, U]
+        if not deterministic:
+            g = self.generator if generator is None else generator
+            noise = torch.randn(a.shape, device=a.device, generator=g)
+            a = (a + self.exploration_noise * noise).clamp(-1.0, 1.0)
+        a = self.scale.to_env(a)
+        return a[0] if single else a
+
+    @torch.no_grad()
+    def target_value(self, next_obs: torch.Tensor) -> torch.Tensor:
+        """``V'(s') = max_a Q'(s', a)`` ``[B]`` of the target network."""
+        return self.net_target(next_obs)[0][:, 0]
+
+    def update(self, batch: Transitions, target_q: torch.Tensor | None = None) -> dict[str, float]:
+        """One step on ``(Q(s, a) - y)^2`` and a Polyak update of the target network.
+
+        Returns ``q_loss``, ``q_mean``, ``q_abs_max``, ``v_mean``.
+        """
+        target = one_step_target(self, batch, target_q)  # [B]
+        h = self.heads(batch.obs)
+        d = (self.scale.to_unit(batch.act) - h.mu).unsqueeze(-1)  # [B, U, 1]
+        q = h.value - 0.5 * (h.L.transpose(1, 2) @ d).squeeze(-1).pow(2).sum(-1)  # [B]
+        q_loss = (q - target).pow(2).mean()
+        self.opt.zero_grad(set_to_none=True)
+        q_loss.backward()
+        self.opt.step()
+        soft_update(self.net_target, self.net, self.tau)
+        self.updates += 1
+        qd = q.detach()
+        return {
+            "q_loss": q_loss.item(),
+            "q_mean": qd.mean().item(),
+            "q_abs_max": qd.abs().max().item(),
+            "v_mean": h.value.detach().mean().item(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": self.net.state_dict(),
+            "net_target": self.net_target.state_dict(),
+            "opt": self.opt.state_dict(),
+            "generator": self.generator.get_state(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.net_target.load_state_dict(state["net_target"])
+        self.opt.load_state_dict(state["opt"])
+        self.generator.set_state(state["generator"])
+        self.updates = int(state["updates"])

@@ -1,0 +1,143 @@
+"""Network parts shared by the learners: a batched MLP with members as the leading axis,
+Polyak averaging, and the map between env action units and the policy's ``[-1, 1]`` box.
+
+``EnsembleMLP`` is one network for ``E`` independent members (twin critics are ``E = 2``, an
+actor is ``E = 1``): every weight is ``[E, in, out]`` and a forward pass is one batched matmul per
+layer, so members are never looped over in Python. Initialisation draws from an explicit
+``torch.Generator`` (same seed, same weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class EnsembleLinear(nn.Module):
+    """``E`` affine maps applied at once: ``x [E, B, in] -> x @ W + b : [E, B, out]``.
+
+    Initialised like ``torch.nn.Linear``: weights and biases uniform in ``+-1/sqrt(in)``.
+    """
+
+    def __init__(
+        self, members: int, in_dim: int, out_dim: int, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        weight = torch.empty(members, in_dim, out_dim)  # [E, in, out]
+        bias = torch.empty(members, 1, out_dim)  # [E, 1, out]
+        nn.init.uniform_(weight, -bound, bound, generator=generator)
+        nn.init.uniform_(bias, -bound, bound, generator=generator)
+        self.weight = nn.Parameter(weight)  # [E, in, out]
+        self.bias = nn.Parameter(bias)  # [E, 1, out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleMLP(nn.Module):
+    """``E`` MLPs with ``num_layers`` hidden layers of ``hidden_size`` ReLU units.
+
+    ``forward(x)`` takes ``x [B, in]`` (shared by all members) or ``x [E, B, in]`` and returns
+    ``[E, B, out]``. Built on CPU from ``generator``; move it with ``.to(device)``.
+    """
+
+    def __init__(
+        self,
+        members: int,
+        in_dim: int,
+        out_dim: int,
+        hidden_size: int,
+        num_layers: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if members < 1 or num_layers < 0 or hidden_size < 1:
+            raise ValueError(
+                f"EnsembleMLP needs members >= 1, num_layers >= 0, hidden_size >= 1; got "
+                f"members={members}, num_layers={num_layers}, hidden_size={hidden_size}"
+            )
+        self.members = members
+        sizes = [in_dim] + [hidden_size] * num_layers + [out_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(EnsembleLinear(members, a, b, generator))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.members, -1, -1)  # [E, B, in]
+        return self.net(x)
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """Polyak averaging, in place: ``theta_target <- (1 - tau) theta_target + tau theta``."""
+    t_params = list(target.parameters())
+    s_params = list(source.parameters())
+    torch._foreach_lerp_(t_params, s_params, tau)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` (same weights) whose parameters need no gradient: a target network."""
+    import copy
+
+    target = copy.deepcopy(module)
+    target.requires_grad_(False)
+    return target
+
+
+class ActionScale:
+    """Affine map between env actions in ``[low, high]`` and policy actions in ``[-1, 1]``."""
+
+    def __init__(
+        self,
+        low: torch.Tensor | list[float],
+        high: torch.Tensor | list[float],
+        act_dim: int,
+        device: torch.device | str,
+    ) -> None:
+        low_t = torch.as_tensor(low, dtype=torch.float32, device=device).reshape(-1)  # [U]
+        high_t = torch.as_tensor(high, dtype=torch.float32, device=device).reshape(-1)  # [U]
+        if low_t.shape != (act_dim,) or high_t.shape != (act_dim,):
+            raise ValueError(
+                f"action bounds: expected [U={act_dim}], got low {list(low_t.shape)}, "
+                f"high {list(high_t.shape)}"
+            )
+        if not bool((high_t > low_t).all()):
+            raise ValueError(
+                f"action bounds need high > low; got low={low_t.tolist()}, high={high_t.tolist()}"
+            )
+        if not bool(torch.isfinite(low_t).all() & torch.isfinite(high_t).all()):
+            raise ValueError("action bounds must be finite; clip the env's action space first")
+        self.mid = (high_t + low_t) / 2  # [U]
+        self.half = (high_t - low_t) / 2  # [U]
+
+    def to_unit(self, act: torch.Tensor) -> torch.Tensor:
+        """Env actions ``[B, U]`` to ``[-1, 1]``."""
+        return (act - self.mid) / self.half
+
+    def to_env(self, unit: torch.Tensor) -> torch.Tensor:
+        """Policy actions ``[B, U]`` in ``[-1, 1]`` to env units."""
+        return self.mid + self.half * unit
+
+
+def as_batch(
+    obs: torch.Tensor | list, obs_dim: int, device: torch.device
+) -> tuple[torch.Tensor, bool]:
+    """``obs [B, X]`` or ``[X]`` (tensor or array) as float32 ``[B, X]`` on ``device``.
+
+    Returns the batch and whether the input was a single observation. A wrong last axis raises
+    an error naming the expected and the actual shape.
+    """
+    x = torch.as_tensor(obs, dtype=torch.float32, device=device)
+    single = x.dim() == 1
+    if single:
+        x = x.unsqueeze(0)
+    if x.dim() != 2 or x.shape[-1] != obs_dim:
+        raise ValueError(f"obs: expected [B, X={obs_dim}] or [X={obs_dim}], got {list(x.shape)}")
+    return x, single

@@ -1,0 +1,219 @@
+"""Soft actor-critic (Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and Applications").
+
+Twin soft Q-functions (one batched network, members as the leading axis) with Polyak-averaged
+targets, a tanh-squashed Gaussian policy, and the automatic temperature of Section 5:
+``J(alpha) = E[-alpha (log pi(a|s) + H_target)]`` with target entropy ``H_target = -U``.
+
+Policy (Appendix C, "Enforcing action bounds"): ``u ~ N(mu(s), sigma(s)^2)``, ``a = tanh(u)`` in
+``[-1, 1]``, and ``log pi(a|s) = log N(u) - sum_i log(1 - tanh(u_i)^2)``; the last term is
+computed stably as ``2 (log 2 - u - softplus(-2u))``. Log-probabilities and entropies are those of
+the unit-box action (the affine map to env units only adds a constant).
+
+Soft Bellman target (Eq. 3, with the clipped double-Q of Section 6):
+``y = r + gamma (1 - d) (min_j Q'_j(s', a') - alpha log pi(a'|s'))``, ``a' ~ pi(.|s')``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mbrl.dynamics.base import Transitions
+from mbrl.learners.base import one_step_target
+from mbrl.learners.networks import ActionScale, EnsembleMLP, as_batch, frozen_copy, soft_update
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+def squashed_gaussian_log_prob(
+    u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
+) -> torch.Tensor:
+    """``log pi(tanh(u))`` ``[B]`` of pre-squash ``u [B, U]`` under ``N(mean, exp(log_std)^2)``.
+
+    Change of variables for ``a = tanh(u)``: the Gaussian log-density minus
+    ``sum_i log(1 - tanh(u_i)^2) = sum_i 2 (log 2 - u_i - softplus(-2 u_i))``.
+    """
+    z = (u - mean) / log_std.exp()
+    gauss = -0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)  # [B, U]
+    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))  # [B, U]
+    return (gauss - log_det).sum(-1)
+
+
+class SAC:
+    """Soft actor-critic with twin critics and automatic temperature.
+
+    Args:
+        obs_dim: ``X``.
+        act_dim: ``U``.
+        action_low, action_high: env action bounds ``[U]``; the policy acts in ``[-1, 1]`` and is
+            mapped affinely to them.
+        hidden_size, num_layers: MLP sizes of actor and critics (paper: 256, 2).
+        gamma: discount.
+        tau: Polyak rate of the target critics.
+        lr: Adam learning rate of actor, critics and temperature.
+        init_alpha: initial temperature.
+        learn_alpha: adjust the temperature towards ``target_entropy`` (Section 5); a fixed
+            ``init_alpha`` otherwise.
+        target_entropy: defaults to ``-U``.
+        device: where networks and batches live.
+        seed: seeds weight initialisation and the learner's own generator (sampling in
+            ``update`` and ``target_value``).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        action_low: torch.Tensor | list[float],
+        action_high: torch.Tensor | list[float],
+        hidden_size: int = 256,
+        num_layers: int = 2,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        lr: float = 3e-4,
+        init_alpha: float = 1.0,
+        learn_alpha: bool = True,
+        target_entropy: float | None = None,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < tau <= 1.0 or not 0.0 <= gamma <= 1.0 or init_alpha <= 0:
+            raise ValueError(
+                f"need 0 < tau <= 1, 0 <= gamma <= 1, init_alpha > 0; got tau={tau}, "
+                f"gamma={gamma}, init_alpha={init_alpha}"
+            )
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.gamma, self.tau = gamma, tau
+        self.device = torch.device(device)
+        self.scale = ActionScale(action_low, action_high, act_dim, self.device)
+        init = torch.Generator().manual_seed(seed)
+        self.actor = EnsembleMLP(1, obs_dim, 2 * act_dim, hidden_size, num_layers, init).to(
+            self.device
+        )
+        self.critic = EnsembleMLP(2, obs_dim + act_dim, 1, hidden_size, num_layers, init).to(
+            self.device
+        )
+        self.critic_target = frozen_copy(self.critic)
+        self.log_alpha = torch.tensor(math.log(init_alpha), device=self.device, requires_grad=True)
+        self.learn_alpha = learn_alpha
+        self.target_entropy = float(-act_dim if target_entropy is None else target_entropy)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=lr)
+        self.generator = torch.Generator(self.device).manual_seed(seed + 1)
+        self.updates = 0
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.detach().exp()
+
+    def _dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.actor(obs)[0]  # [B, 2U]
+        mean, log_std = out.chunk(2, dim=-1)  # [B, U], [B, U]
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(
+        self, obs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised unit-box actions ``[B, U]`` and their log-probabilities ``[B]``."""
+        mean, log_std = self._dist(obs)
+        g = self.generator if generator is None else generator
+        noise = torch.randn(mean.shape, device=mean.device, generator=g)
+        u = mean + log_std.exp() * noise  # [B, U]
+        return torch.tanh(u), squashed_gaussian_log_prob(u, mean, log_std)
+
+    def q(self, obs: torch.Tensor, act_unit: torch.Tensor) -> torch.Tensor:
+        """Both critics ``[2, B]`` at ``obs [B, X]`` and unit-box actions ``[B, U]``."""
+        return self.critic(torch.cat([obs, act_unit], dim=-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def act(
+        self,
+        obs: torch.Tensor,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Env-unit actions: ``tanh(mu)`` if ``deterministic``, else a policy sample."""
+        x, single = as_batch(obs, self.obs_dim, self.device)
+        if deterministic:
+            a = torch.tanh(self._dist(x)[0])
+        else:
+            a = self.sample(x, generator)[0]
+        a = self.scale.to_env(a)  # [B, U]
+        return a[0] if single else a
+
+    @torch.no_grad()
+    def target_value(self, next_obs: torch.Tensor) -> torch.Tensor:
+        """Soft value ``min_j Q'_j(s', a') - alpha log pi(a'|s')`` ``[B]``, ``a' ~ pi``."""
+        a, logp = self.sample(next_obs)
+        q = self.critic_target(torch.cat([next_obs, a], dim=-1)).squeeze(-1)  # [2, B]
+        return q.min(0).values - self.alpha * logp
+
+    def update(self, batch: Transitions, target_q: torch.Tensor | None = None) -> dict[str, float]:
+        """One step on critics, actor and temperature, then Polyak-average the target critics.
+
+        Returns ``q_loss``, ``actor_loss``, ``alpha``, ``alpha_loss``, ``entropy`` (minus the
+        mean log-probability), ``q_mean`` and ``q_abs_max`` of the batch's Q-values.
+        """
+        target = one_step_target(self, batch, target_q)  # [B]
+        q = self.q(batch.obs, self.scale.to_unit(batch.act))  # [2, B]
+        q_loss = (q - target).pow(2).mean(-1).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        q_loss.backward()
+        self.critic_opt.step()
+
+        a, logp = self.sample(batch.obs)
+        self.critic.requires_grad_(False)
+        q_pi = self.q(batch.obs, a).min(0).values  # [B]
+        self.critic.requires_grad_(True)
+        actor_loss = (self.alpha * logp - q_pi).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+
+        alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        if self.learn_alpha:
+            self.alpha_opt.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_opt.step()
+
+        soft_update(self.critic_target, self.critic, self.tau)
+        self.updates += 1
+        qd = q.detach()
+        return {
+            "q_loss": q_loss.item(),
+            "actor_loss": actor_loss.item(),
+            "alpha": self.alpha.item(),
+            "alpha_loss": alpha_loss.item(),
+            "entropy": -logp.detach().mean().item(),
+            "q_mean": qd.mean().item(),
+            "q_abs_max": qd.abs().max().item(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "alpha_opt": self.alpha_opt.state_dict(),
+            "generator": self.generator.get_state(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.alpha_opt.load_state_dict(state["alpha_opt"])
+        self.generator.set_state(state["generator"])
+        self.updates = int(state["updates"])
