@@ -9,6 +9,7 @@ import torch
 
 from mbrl.dynamics import DynamicsModel
 from mbrl.dynamics.mujoco_model import MujocoModel
+from mbrl.envs import make
 from mbrl.envs.spec import never_terminates
 from mbrl.planners.base import PlanningProblem
 
@@ -195,3 +196,22 @@ def test_nonfinite_and_diverged_rows_become_nan_and_score_minus_infinity():
     returns = problem.evaluate(x0, acts)
     assert torch.isinf(returns[1]) and returns[1] < 0 and torch.isfinite(returns[[0, 2]]).all()
     assert problem.nonfinite == 1
+
+
+@pytest.mark.parametrize("name", ["cartpole-swingup", "hopper", "inverted-pendulum"])
+def test_registry_entries_roll_out_like_their_envs(name):
+    spec = make(name)
+    env, model = spec.make(), MujocoModel.from_spec(spec, nthread=2)
+    rng = np.random.default_rng(4)
+    acts = rng.uniform(spec.action_low, spec.action_high, (25, spec.act_dim))
+    truth = _env_rollout(env, 1, acts)
+    got = model.rollout_actions(
+        torch.as_tensor(truth[0]), torch.as_tensor(acts[None, : len(truth) - 1])
+    )
+    np.testing.assert_allclose(got[0].numpy(), truth, atol=1e-6)
+
+
+def test_registry_entries_without_state_in_obs_are_refused():
+    for name in ("reacher", "pusher"):
+        with pytest.raises(ValueError, match="does not determine"):
+            MujocoModel.from_spec(make(name))
