@@ -622,6 +622,14 @@ class ProbabilisticEnsemble(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def optimizer_state_dict(self) -> dict:
+        """The Adam state (moments and step counts); also inside :meth:`state_dict`."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        """Restore the Adam state saved by :meth:`optimizer_state_dict`."""
+        self.optimizer.load_state_dict(state)
+
     def get_extra_state(self) -> dict:
         """Optimizer and generator state, saved in :meth:`state_dict` so training resumes
         exactly."""
