@@ -23,3 +23,7 @@ __all__ = [
 from mbrl.dynamics.mujoco_model import MujocoModel  # noqa: E402
 
 __all__ += ["MujocoModel"]
+
+from mbrl.dynamics.ensemble import MemberPrediction, ProbabilisticEnsemble  # noqa: E402
+
+__all__ += ["MemberPrediction", "ProbabilisticEnsemble"]
