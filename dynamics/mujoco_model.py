@@ -12,13 +12,15 @@ or, when both are omitted, the identity layout ``obs = [qpos, qvel]`` (cartpole-
 inverted-pendulum, half-cheetah and hopper made with x in the observation). The constructor
 checks the default layout against the env's own observation on perturbed states (a given
 mapping: its round trip) and raises a clear error where the observation does not determine the
-state (reacher, pusher, half-cheetah without x, models with actuator activations). Hopper clips velocities at +-10 in its observation, so a
-hopper state faster than that is not recovered exactly; the check uses moderate velocities.
+state (reacher, pusher, half-cheetah without x, models with actuator activations). Hopper
+clips velocities at +-10 in its observation, so a hopper state faster than that is not recovered
+exactly; the check uses moderate velocities.
 
 Every other part of the simulator state (time, mocap poses, plugin state) is taken from the
 model's reset state. One control step is ``frame_skip`` simulator steps with the control held,
 exactly as gymnasium's ``MujocoEnv.step`` does, so rollouts equal stepping the env (tested to
-1e-9 in float64).
+1e-6 in float64; open-loop rollouts agree exactly, step-by-step ones to ~1e-9 because each call
+starts the constraint solver without the env's warm start).
 
 A simulation that diverges is reset by MuJoCo itself (``mjWARN_BADQACC``), which would make a
 blown-up rollout look like a plausible state. Every rollout starts at a known simulator time, so
@@ -279,6 +281,11 @@ class MujocoModel:
         u = act.detach().cpu().double().numpy()[:, None]
         nxt = self._obs(self._simulate(self._states(x), u)[:, 0])
         return torch.as_tensor(nxt, dtype=obs.dtype, device=obs.device)
+
+    def mean_dynamics(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` under the name gradient planners roll forward with. Not autograd-able:
+        their Jacobians come from :meth:`linearize`, which ``planners.derivatives`` prefers."""
+        return self.step(obs, act)
 
     def rollout_actions(self, x0: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Observations ``[N, H + 1, X]`` of open-loop rollouts of ``actions [N, H, U]``.
