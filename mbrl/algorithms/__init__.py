@@ -11,6 +11,13 @@ from types import ModuleType
 
 ALGORITHMS: dict[str, str] = {
     "pets": "mbrl.algorithms.pets",
+    "sac": "mbrl.algorithms.sac",
+    "td3": "mbrl.algorithms.td3",
+    "ddpg": "mbrl.algorithms.ddpg",
+    "naf": "mbrl.algorithms.naf",
+    "mbpo": "mbrl.algorithms.mbpo",
+    "mve": "mbrl.algorithms.mve",
+    "mba": "mbrl.algorithms.mba",
 }
 
 

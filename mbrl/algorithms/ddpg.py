@@ -1,0 +1,38 @@
+"""DDPG on real transitions only (Lillicrap et al. 2016): TD3 with one critic, no policy delay
+and no target policy smoothing.
+
+    for each env step:
+        act with pi(s) plus Gaussian noise (uniform random for the first start_steps), store it
+        G times: update critic, actor and target networks on a real batch
+    each epoch: evaluate the deterministic policy, log, checkpoint
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mbrl import dyna
+from mbrl.algorithms.common import Summary
+from mbrl.dyna import DynaConfig, LearnerConfig
+from mbrl.runs import Run
+
+
+@dataclass
+class DDPGLearner(LearnerConfig):
+    """DDPG as the learner."""
+
+    name: str = "ddpg"
+    """The learner (the default is this algorithm's)."""
+
+
+@dataclass
+class Config(DynaConfig):
+    """DDPG. The defaults are a short Pendulum run."""
+
+    learner: DDPGLearner = field(default_factory=DDPGLearner)
+    """The learner: DDPG's networks and exploration noise."""
+
+
+def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
+    """Run (or resume) DDPG as configured, logging to ``run``."""
+    return dyna.train(cfg, run, device, use="none", label="DDPG", learners=("ddpg",))

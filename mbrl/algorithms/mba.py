@@ -1,0 +1,65 @@
+"""MBA: model-based acceleration of NAF with imagination rollouts (Gu et al. 2016, Section 5,
+Algorithm 2), with the probabilistic ensemble as the learned model.
+
+    collect start_steps transitions with uniform random actions into the env buffer
+    for each env step:
+        every model.train_every steps: fit the model on the real transitions, then start
+            rollout_batch_size imagination rollouts of k steps from real states under the
+            current exploration policy (mu plus noise) into the imagination buffer
+        act with mu(s) plus noise in the env, store the transition
+        G times: update NAF on a batch mixing real_ratio real and imagined transitions
+    each epoch: evaluate the greedy policy, log, checkpoint
+
+Differences from the paper: the model is the probabilistic ensemble rather than per-episode
+time-varying linear fits, and imagination rollouts start from states of the whole buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mbrl import dyna
+from mbrl.algorithms.common import Summary
+from mbrl.dyna import BranchConfig, LearnerConfig, ModelBasedConfig
+from mbrl.runs import Run
+
+
+@dataclass
+class NAFLearner(LearnerConfig):
+    """NAF as the learner (its own defaults)."""
+
+    name: str = "naf"
+    """The learner (see Config.learner)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+
+
+@dataclass
+class MBABranch(BranchConfig):
+    """Imagination rollouts of MBA."""
+
+    rollout_batch_size: int = 5_000
+    """Imagination rollouts started after each model fit."""
+    min_length: int = 5
+    """Rollout length k (fixed: min_length = max_length)."""
+    max_length: int = 5
+    """Rollout length k."""
+    real_ratio: float = 0.5
+    """Share of real transitions in each NAF batch."""
+
+
+@dataclass
+class Config(ModelBasedConfig):
+    """MBA. The defaults are a short Pendulum run with 5-step imagination rollouts."""
+
+    updates_per_step: int = 5
+    """G, NAF updates per env step (the paper's I)."""
+    learner: NAFLearner = field(default_factory=NAFLearner)
+    """NAF; MBA's learner (td3, ddpg or sac also work here)."""
+    branch: MBABranch = field(default_factory=MBABranch)
+    """Imagination rollouts: 5,000 starts per model fit, k = 5, half real data per batch."""
+
+
+def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
+    """Run (or resume) MBA as configured, logging to ``run``."""
+    return dyna.train(cfg, run, device, use="branch", label="MBA")

@@ -1,0 +1,37 @@
+"""SAC on real transitions only (Haarnoja et al. 2018), the model-free baseline of MBPO.
+
+for each env step:
+    act with a policy sample (uniform random for the first start_steps), store it
+    G times: update critics, actor and temperature on a real batch
+each epoch: evaluate the deterministic policy, log, checkpoint
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mbrl import dyna
+from mbrl.algorithms.common import Summary
+from mbrl.dyna import DynaConfig, LearnerConfig
+from mbrl.runs import Run
+
+
+@dataclass
+class SACLearner(LearnerConfig):
+    """SAC as the learner."""
+
+    name: str = "sac"
+    """The learner (the default is this algorithm's)."""
+
+
+@dataclass
+class Config(DynaConfig):
+    """SAC. The defaults are a short Pendulum run."""
+
+    learner: SACLearner = field(default_factory=SACLearner)
+    """The learner: SAC's networks, discount, Polyak rate, temperature."""
+
+
+def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
+    """Run (or resume) SAC as configured, logging to ``run``."""
+    return dyna.train(cfg, run, device, use="none", label="SAC", learners=("sac",))

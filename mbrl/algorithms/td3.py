@@ -1,0 +1,38 @@
+"""TD3 on real transitions only (Fujimoto et al. 2018), the model-free baseline of MVE.
+
+for each env step:
+    act with pi(s) plus Gaussian noise (uniform random for the first start_steps), store it
+    G times: update the twin critics on a real batch; every policy_delay-th time also the
+    actor and the target networks
+each epoch: evaluate the deterministic policy, log, checkpoint
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mbrl import dyna
+from mbrl.algorithms.common import Summary
+from mbrl.dyna import DynaConfig, LearnerConfig
+from mbrl.runs import Run
+
+
+@dataclass
+class TD3Learner(LearnerConfig):
+    """TD3 as the learner."""
+
+    name: str = "td3"
+    """The learner (the default is this algorithm's)."""
+
+
+@dataclass
+class Config(DynaConfig):
+    """TD3. The defaults are a short Pendulum run."""
+
+    learner: TD3Learner = field(default_factory=TD3Learner)
+    """The learner: TD3's networks, delay, smoothing and exploration noise."""
+
+
+def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
+    """Run (or resume) TD3 as configured, logging to ``run``."""
+    return dyna.train(cfg, run, device, use="none", label="TD3", learners=("td3",))
