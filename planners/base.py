@@ -10,7 +10,7 @@ A candidate whose rollout produces NaN or inf scores minus infinity and is count
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,6 +61,11 @@ class PlanningProblem:
         action_low, action_high: ``[U]`` bounds.
         particles: ``P``, sampled rollouts per candidate.
         generator: the one source of randomness for model sampling and the planner.
+        terminal_reward_fn: optional ``obs [B, X] -> [B]`` added for the state after the last
+            step (for particles that have not terminated).
+
+    ``reward_fn`` and ``terminal_reward_fn`` stay public attributes: gradient planners
+    (LQR, iLQR) differentiate them.
     """
 
     def __init__(
@@ -73,12 +78,15 @@ class PlanningProblem:
         action_high: torch.Tensor,
         particles: int = 1,
         generator: torch.Generator | None = None,
+        terminal_reward_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         if particles < 1:
             raise ValueError(f"particles must be >= 1, got {particles}")
         self.model = model
+        self.reward_fn = reward_fn
+        self.terminal_reward_fn = terminal_reward_fn
         self.horizon = horizon
         self.particles = particles
         self.action_low = torch.as_tensor(action_low, dtype=torch.float32)  # [U]
@@ -123,6 +131,10 @@ class PlanningProblem:
             total += torch.where(alive & step_ok, reward, 0.0)
             alive &= ~self._termination(nxt.obs)
             state = nxt
+        if self.terminal_reward_fn is not None:
+            reward = self.terminal_reward_fn(state.obs).float()  # [N * P]
+            finite &= torch.isfinite(reward) | ~alive
+            total += torch.where(alive & torch.isfinite(reward), reward, 0.0)
         returns = total.view(n, p).mean(dim=1)  # [N]
         bad = ~finite.view(n, p).all(dim=1)
         returns = returns.masked_fill(bad, float("-inf"))
