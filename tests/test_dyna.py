@@ -1,0 +1,358 @@
+"""Dyna-style parts: rollout schedule, branched rollouts, model buffer, mixed batches, value
+expansion targets, divergence checks, and the training loop (CLI smoke and exact resume)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mbrl import cli
+from mbrl.buffer import ReplayBuffer
+from mbrl.dyna import (
+    DivergenceError,
+    ModelBuffer,
+    NonFiniteModelError,
+    branched_rollout,
+    check_learner_stats,
+    mixed_batch,
+    rollout_length,
+    value_expansion_batch,
+    value_expansion_targets,
+)
+from mbrl.dynamics.base import Transitions
+from mbrl.dynamics.known import KnownModel
+from mbrl.learners import TD3
+
+torch.set_num_threads(1)
+
+
+def drift(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``x' = x + u`` (X = U = 1)."""
+    return x + u
+
+
+def reward_fn(obs, act, next_obs):
+    return -(next_obs[:, 0] ** 2) - 0.1 * act[:, 0] ** 2
+
+
+def beyond_one(next_obs):
+    return next_obs[:, 0].abs() > 1.0
+
+
+def test_rollout_length_schedule_hopper():
+    # MBPO Hopper: [20, 100, 1, 15]
+    got = [rollout_length(e, 20, 100, 1, 15) for e in (0, 20, 40, 60, 99, 100, 300)]
+    assert got == [1, 1, 4, 8, 14, 15, 15]
+    assert rollout_length(5, 1, 15, 1, 1) == 1
+    assert rollout_length(3, 5, 5, 1, 7) == 1 and rollout_length(5, 5, 5, 1, 7) == 7
+
+
+def test_branched_rollouts_stop_at_termination():
+    model = KnownModel(drift, 1, 1)
+    starts = torch.tensor([[0.0], [0.5], [0.95]])
+    ro = branched_rollout(
+        model, lambda o: torch.full_like(o, 0.2), starts, 10, reward_fn, beyond_one, None
+    )
+    # start 0.95 terminates at step 1 (1.15), 0.5 at step 3 (1.1), 0.0 at step 6 (1.2)
+    assert ro.starts == 3 and ro.steps == 6
+    assert len(ro.transitions) == 1 + 3 + 6
+    assert ro.mean_length == pytest.approx(10 / 3)
+    t = ro.transitions
+    assert int(t.terminated.sum()) == 3
+    # every terminated transition lands beyond 1, every other one inside
+    assert bool((t.next_obs[t.terminated, 0].abs() > 1).all())
+    assert bool((t.next_obs[~t.terminated, 0].abs() <= 1).all())
+    assert torch.allclose(t.next_obs, t.obs + 0.2)
+    assert torch.allclose(t.reward, reward_fn(t.obs, t.act, t.next_obs))
+    # step-major order: the first three rows are step 1 of each start
+    assert torch.allclose(t.obs[:3, 0], starts[:, 0])
+
+
+def test_branched_rollout_uses_learned_reward_when_the_model_has_one():
+    class RewardModel(KnownModel):
+        learns_reward = True
+
+        def rollout_step(self, state, act, generator=None):
+            nxt = self.step_fn(state.obs, act)
+            return type(state)(obs=nxt, reward=torch.full((len(nxt),), 7.0))
+
+    ro = branched_rollout(
+        RewardModel(drift, 1, 1),
+        lambda o: torch.zeros_like(o),
+        torch.zeros(4, 1),
+        3,
+        reward_fn,
+        beyond_one,
+        None,
+    )
+    assert len(ro.transitions) == 12 and bool((ro.transitions.reward == 7.0).all())
+
+
+def nan_after(threshold: float):
+    def step(x, u):
+        nx = x + u
+        return torch.where(nx > threshold, torch.full_like(nx, float("nan")), nx)
+
+    return step
+
+
+def test_nan_model_is_detected():
+    model = KnownModel(nan_after(0.5), 1, 1)
+    starts = torch.tensor([[0.0], [0.4]])
+    with pytest.raises(NonFiniteModelError, match=r"NaN/inf in 1 of 2 live rollouts at rollout "):
+        branched_rollout(
+            model, lambda o: torch.full_like(o, 0.2), starts, 5, reward_fn, beyond_one, None
+        )
+
+
+def test_nan_in_a_terminated_rollout_is_ignored():
+    # Rollouts that terminated earlier no longer count: NaN after termination is harmless.
+    def step(x, u):
+        nx = x + u
+        return torch.where(x > 1.0, torch.full_like(nx, float("nan")), nx)
+
+    ro = branched_rollout(
+        KnownModel(step, 1, 1),
+        lambda o: torch.full_like(o, 0.6),
+        torch.tensor([[0.0], [0.9]]),
+        3,
+        reward_fn,
+        beyond_one,
+        None,
+    )
+    assert len(ro.transitions) == 1 + 2  # start 0.9 ends at step 1, start 0.0 at step 2
+
+
+def test_value_expansion_targets_by_hand():
+    gamma = 0.5
+    rewards = torch.tensor([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]])  # [H+1=3, B=2]
+    terminated = torch.tensor([[False, False], [False, True], [False, False]])
+    bootstrap = torch.tensor([8.0, 8.0])
+    targets, valid = value_expansion_targets(rewards, terminated, bootstrap, gamma)
+    # column 0: no termination
+    assert targets[:, 0].tolist() == [1 + 0.5 * 2 + 0.25 * 4 + 0.125 * 8, 2 + 2 + 2, 4 + 4]
+    # column 1: the step from row 1 terminates: rows 0, 1 stop there, row 2 is invalid
+    assert targets[0, 1].item() == 1 + 0.5 * 2 and targets[1, 1].item() == 2
+    assert valid.tolist() == [[True, True], [True, True], [True, False]]
+
+
+def td3(**kw):
+    return TD3(1, 1, [-1.0], [1.0], hidden_size=16, target_noise=0.0, seed=0, **kw)
+
+
+def real_batch(n: int = 6) -> Transitions:
+    g = torch.Generator().manual_seed(0)
+    obs = torch.rand(n, 1, generator=g) - 0.5
+    act = torch.rand(n, 1, generator=g) * 0.4 - 0.2
+    nobs = obs + act
+    return Transitions(obs, act, nobs, reward_fn(obs, act, nobs), torch.zeros(n, dtype=bool))
+
+
+def test_mve_target_equals_hand_computed_h_step_target():
+    learner, model, real, h, gamma = td3(gamma=0.9), KnownModel(drift, 1, 1), real_batch(), 3, 0.9
+    vb = value_expansion_batch(model, learner, real, h, reward_fn, beyond_one, None)
+    # by hand: walk the known model under the deterministic policy, one start at a time
+    expected_rows = []
+    for b in range(len(real)):
+        rewards, x = [real.reward[b].item()], real.next_obs[b : b + 1]
+        states = [x]
+        for _ in range(h):
+            u = learner.act(x, deterministic=True)
+            nx = x + u
+            rewards.append(reward_fn(x, u, nx).item())
+            x = nx
+            states.append(x)
+        v = learner.target_value(x).item()
+        for t in range(h + 1):
+            y = sum(gamma ** (k - t) * rewards[k] for k in range(t, h + 1))
+            expected_rows.append((t, b, y + gamma ** (h + 1 - t) * v))
+    expected = torch.zeros(h + 1, len(real))
+    for t, b, y in expected_rows:
+        expected[t, b] = y
+    assert vb.horizon == h and len(vb.transitions) == (h + 1) * len(real)
+    assert torch.allclose(vb.target_q, expected.reshape(-1), atol=1e-5)
+    # row 0 is the real transition, rows of step 1 start at the real next states
+    assert torch.equal(vb.transitions.obs[: len(real)], real.obs)
+    assert torch.equal(vb.transitions.obs[len(real) : 2 * len(real)], real.next_obs)
+
+
+def test_mve_with_horizon_zero_is_the_one_step_target():
+    learner, real = td3(gamma=0.9), real_batch()
+    vb = value_expansion_batch(
+        KnownModel(drift, 1, 1), learner, real, 0, reward_fn, beyond_one, None
+    )
+    one_step = real.reward + 0.9 * learner.target_value(real.next_obs)
+    assert torch.allclose(vb.target_q, one_step)
+
+
+def test_mve_drops_states_after_termination():
+    learner = td3()
+    nobs = torch.tensor([[0.0], [0.3], [0.6]])
+    obs, act = nobs.clone(), torch.zeros(3, 1)
+    real = Transitions(obs, act, nobs, torch.zeros(3), torch.zeros(3, dtype=torch.bool))
+    model = KnownModel(lambda x, u: x + 0.5, 1, 1)  # ignores the action
+    vb = value_expansion_batch(model, learner, real, 3, reward_fn, beyond_one, None)
+    # imagined paths: 0.0 -> 0.5 -> 1.0 -> 1.5 (ends at step 3): rows 0..3 valid;
+    # 0.3 -> 0.8 -> 1.3 (ends at step 2): rows 0..2; 0.6 -> 1.1 (ends at step 1): rows 0, 1
+    assert len(vb.transitions) == 4 + 3 + 2
+    assert vb.transitions.obs[:, 0].tolist() == pytest.approx(
+        [0.0, 0.3, 0.6, 0.0, 0.3, 0.6, 0.5, 0.8, 1.0]
+    )
+    # the step 0.6 -> 1.1 terminates: its target is its reward alone
+    row = 5
+    assert bool(vb.transitions.terminated[row])
+    r = reward_fn(vb.transitions.obs[row : row + 1], vb.transitions.act[row : row + 1],
+                  torch.tensor([[1.1]]))  # fmt: skip
+    assert vb.target_q[row].item() == pytest.approx(r.item(), abs=1e-5)
+
+
+def test_mve_detects_nan_model():
+    with pytest.raises(NonFiniteModelError):
+        value_expansion_batch(
+            KnownModel(lambda x, u: x * float("nan"), 1, 1),
+            td3(),
+            real_batch(),
+            2,
+            reward_fn,
+            beyond_one,
+            None,
+        )
+
+
+def test_model_buffer_resize_keeps_newest_and_round_trips():
+    buf = ModelBuffer(1, 1, 10)
+    data = Transitions(
+        torch.arange(8.0)[:, None],
+        torch.zeros(8, 1),
+        torch.zeros(8, 1),
+        torch.arange(8.0),
+        torch.zeros(8, dtype=torch.bool),
+    )
+    buf.add(data)
+    buf.resize(5)
+    assert buf.capacity == 5 and len(buf) == 5
+    assert buf.buffer.all().reward.tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
+    buf.resize(20)
+    buf.add(data)
+    assert len(buf) == 13
+    other = ModelBuffer(1, 1, 1)
+    other.load_state_dict(buf.state_dict())
+    assert other.capacity == 20 and torch.equal(other.buffer.all().reward, buf.buffer.all().reward)
+
+
+def marked_buffer(value: float, n: int = 50) -> ReplayBuffer:
+    buf = ReplayBuffer(1, 1, 100)
+    buf.add_batch(
+        torch.zeros(n, 1), torch.zeros(n, 1), torch.full((n,), value), torch.zeros(n, 1),
+        torch.zeros(n, dtype=torch.bool),
+    )  # fmt: skip
+    return buf
+
+
+def test_mixed_batch_real_ratio():
+    real, imagined = marked_buffer(1.0), ModelBuffer(1, 1, 100)
+    imagined.buffer = marked_buffer(-1.0)
+    g = torch.Generator().manual_seed(0)
+    batch = mixed_batch(real, imagined, 40, 0.05, g)
+    assert len(batch) == 40 and int((batch.reward == 1.0).sum()) == 2
+    empty = ModelBuffer(1, 1, 10)
+    assert bool((mixed_batch(real, empty, 16, 0.05, g).reward == 1.0).all())
+    assert bool((mixed_batch(real, imagined, 16, 0.0, g).reward == -1.0).all())
+
+
+def test_divergence_is_detected():
+    check_learner_stats({"q_loss": 1.0, "q_abs_max": 10.0, "actor_loss": math.nan}, 1e6)
+    with pytest.raises(DivergenceError, match="q_abs_max=2e\\+06"):
+        check_learner_stats({"q_loss": 1.0, "q_abs_max": 2e6}, 1e6)
+    with pytest.raises(DivergenceError, match="q_loss=nan"):
+        check_learner_stats({"q_loss": math.nan, "q_abs_max": 1.0}, 1e6)
+
+
+# ----- the training loop through the CLI
+
+TINY = [
+    "total_steps=400",
+    "epoch_length=200",  # = the pendulum's episode length: checkpoints fall on episode ends
+    "start_steps=100",
+    "eval_episodes=1",
+    "updates_per_step=1",
+    "learner.hidden_size=16",
+    "learner.batch_size=32",
+]
+TINY_MODEL = [
+    "model.ensemble_size=3",
+    "model.num_elites=2",
+    "model.hidden_size=16",
+    "model.num_layers=2",
+    "model.max_epochs=2",
+    "model.batch_size=32",
+    "model.train_every=100",
+]
+
+
+def _rows(path):
+    import csv
+
+    with open(path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
+
+
+@pytest.mark.parametrize(
+    "algo, extra",
+    [
+        ("td3", []),
+        ("mbpo", [*TINY_MODEL, "branch.rollout_batch_size=64", "branch.max_length=2",
+                  "branch.min_epoch=0", "branch.max_epoch=2"]),
+        ("mve", [*TINY_MODEL, "mve.horizon=2"]),
+    ],
+)  # fmt: skip
+def test_cli_run_and_exact_resume(tmp_path, monkeypatch, algo, extra):
+    args = ["run", algo, *TINY, *extra, "--env", "pendulum", "--runs-dir", str(tmp_path)]
+    assert cli.main([*args, "--name", "full"]) == 0
+    full = tmp_path / "full"
+    assert (full / "learning_curve.png").exists() and (full / "checkpoint.pt").exists()
+    rows = _rows(full)
+    assert [r["env_steps"] for r in rows] == ["200", "400"]
+    assert float(rows[-1]["updates"]) == 200 and math.isfinite(float(rows[-1]["q_loss"]))
+    if algo == "mbpo":
+        assert rows[-1]["rollout_length"] == "2" and int(rows[-1]["model_buffer"]) > 0
+
+    # kill a second run right after its first checkpoint, then resume it
+    from mbrl.runs import Run
+
+    original = Run.save_checkpoint
+
+    def save_then_die(self, state):
+        original(self, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*args, "--name", "killed"])
+    monkeypatch.setattr(Run, "save_checkpoint", original)
+    assert len(_rows(tmp_path / "killed")) == 1
+    assert cli.main(["resume", str(tmp_path / "killed")]) == 0
+    assert _rows(tmp_path / "killed") == rows
+
+
+def test_nan_model_stops_the_run_after_a_checkpoint(tmp_path, monkeypatch, capsys):
+    from mbrl.dynamics.ensemble import ProbabilisticEnsemble
+
+    def nan_step(self, state, act, generator=None):
+        return type(state)(obs=state.obs * float("nan"), reward=torch.zeros(len(state.obs)))
+
+    monkeypatch.setattr(ProbabilisticEnsemble, "rollout_step", nan_step)
+    args = ["run", "mbpo", *TINY, *TINY_MODEL, "branch.rollout_batch_size=16"]
+    code = cli.main([*args, "--env", "pendulum", "--runs-dir", str(tmp_path), "--name", "nan"])
+    assert code == 2
+    assert "the model produced NaN/inf" in capsys.readouterr().err
+    assert (tmp_path / "nan" / "checkpoint.pt").exists()
+
+
+def test_unknown_learner_for_an_algorithm_is_named(tmp_path, capsys):
+    args = ["run", "sac", "learner.name=td3", "--env", "pendulum", "--runs-dir", str(tmp_path)]
+    assert cli.main(args) == 2
+    assert "SAC does not run learner.name='td3'; valid: sac" in capsys.readouterr().err
