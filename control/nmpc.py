@@ -21,7 +21,8 @@ Two transcriptions (Betts 2010, "Practical Methods for Optimal Control", ch. 4; 
 
 The NLP is built once in ``__init__`` (SX graph, ``nlpsol`` with IPOPT); ``x0`` is its parameter
 and bounds are passed per solve. Warm start: the primal guess is ``warm_start`` actions (the
-MPC controller's shifted plan) with the states they produce under the discrete step; multipliers
+MPC controller's shifted plan) with the states they produce under the discrete step (cold:
+mid-bound actions, all states at ``x0``); multipliers
 are not warm-started (IPOPT's interior-point iterates gain little from them without a matching
 barrier parameter). Stopping rule: IPOPT's (scaled NLP error <= ``tol``, or ``max_iter``
 iterations). IPOPT's return status becomes :attr:`Plan.status`:
@@ -245,12 +246,14 @@ class NMPC:
         ubx = np.concatenate([hi_s[:split], np.tile(u_high, h), hi_s[split:]])
         return lbx, ubx
 
-    def initial_guess(self, x0: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        """Primal guess ``w``: ``actions [H, U]`` and the states they produce from ``x0 [X]``."""
-        xs = np.asarray(self._simulate(x0, actions.T))  # [X, H]
-        states = np.concatenate([x0[:, None], xs], axis=1)  # [X, H + 1]
-        if not np.isfinite(states).all():
-            states = np.repeat(x0[:, None], self.horizon + 1, axis=1)
+    def initial_guess(self, x0: np.ndarray, actions: np.ndarray, simulate: bool) -> np.ndarray:
+        """Primal guess ``w``: ``actions [H, U]`` with the states they produce from ``x0 [X]``
+        (``simulate``), or with every state at ``x0``."""
+        states = np.repeat(x0[:, None], self.horizon + 1, axis=1)  # [X, H + 1]
+        if simulate:
+            xs = np.asarray(self._simulate(x0, actions.T))  # [X, H]
+            if np.isfinite(xs).all():
+                states[:, 1:] = xs
         colloc = np.repeat(states[:, :-1], self.degree, axis=1)  # [X, H * d]
         return np.concatenate([states.T.ravel(), actions.ravel(), colloc.T.ravel()])
 
@@ -261,8 +264,11 @@ class NMPC:
         action_low: np.ndarray | None = None,
         action_high: np.ndarray | None = None,
     ) -> NMPCSolution:
-        """Solve from ``x0 [X]`` with the primal guess ``guess_actions [H, U]`` (middle of the
-        bounds, 0 where unbounded, when ``None``); action bounds default to the system's."""
+        """Solve from ``x0 [X]`` with the primal guess ``guess_actions [H, U]`` and the states
+        they produce; without a guess, actions at the middle of the bounds (0 where unbounded)
+        and every state at ``x0`` (a cold multiple-shooting start, which does not commit IPOPT
+        to the open-loop drift of a poor action guess). Action bounds default to the system's.
+        """
         x0 = np.asarray(x0, dtype=np.float64).reshape(-1)
         if x0.shape != (self.obs_dim,) or not np.isfinite(x0).all():
             raise ValueError(f"x0 must be a finite [{self.obs_dim}] state, got {x0}")
@@ -280,7 +286,7 @@ class NMPC:
             guess = np.asarray(guess_actions, dtype=np.float64).reshape(self.horizon, self.act_dim)
             guess = np.clip(np.where(np.isfinite(guess), guess, mid), u_low, u_high)
         lbx, ubx = self._bounds(u_low, u_high)
-        w0 = np.clip(self.initial_guess(x0, guess), lbx, ubx)
+        w0 = np.clip(self.initial_guess(x0, guess, simulate=guess_actions is not None), lbx, ubx)
         start = time.perf_counter()
         sol = self._solver(x0=w0, p=x0, lbx=lbx, ubx=ubx, lbg=0.0, ubg=0.0)
         seconds = time.perf_counter() - start

@@ -162,3 +162,13 @@ def test_bad_input_raises():
         nmpc.plan(_problem(system, 5), torch.zeros(2), torch.zeros(4, 1))
     with pytest.raises(ValueError, match="x0"):
         nmpc.solve(np.array([np.nan, 0.0]))
+
+
+def test_cold_start_near_upright_stays_up():
+    # A cold start must not commit IPOPT to the fall that zero actions would produce: the
+    # optimum from near upright costs about what LQR's stabilization costs (well below one
+    # swing, which costs > 50).
+    system = pendulum()
+    plan = NMPC(system, 40).plan(_problem(system, 40), torch.tensor([0.082, -0.138]))
+    assert plan.status == "ok" and -plan.expected_return < 0.1
+    assert float(plan.actions[0, 0]) < 0.0  # push back toward upright
