@@ -45,8 +45,9 @@ def solve_dare(
 
     Raises:
         ValueError: on shape mismatches or a non-positive-definite ``R``.
-        RuntimeError: if it does not converge in ``max_iterations`` doublings (the pair is not
-            stabilizable/detectable, or is badly conditioned).
+        RuntimeError: if it does not converge in ``max_iterations`` doublings or the result is
+            not finite or not stabilizing (the pair is not stabilizable/detectable, or is badly
+            conditioned).
     """
     A, B, Q, R = _f64(A), _f64(B), _f64(Q), _f64(R)
     nx, nu = _check_lq(A, B, Q, R)
@@ -74,7 +75,18 @@ def solve_dare(
     # one fixed-point step of the Riccati map polishes the last digits
     BP = B.mT @ Hk
     P = A.mT @ Hk @ A - (BP @ A).mT @ torch.linalg.solve(R + BP @ B, BP @ A) + Q
-    return 0.5 * (P + P.mT)
+    P = 0.5 * (P + P.mT)
+    stable = False
+    if bool(torch.isfinite(P).all()):
+        BP = B.mT @ P
+        closed = A - B @ torch.linalg.solve(R + BP @ B, BP @ A)  # A + B K
+        stable = bool(torch.linalg.eigvals(closed).abs().max() < 1.0)
+    if not stable:
+        raise RuntimeError(
+            "solve_dare found no stabilizing solution; check that (A, B) is stabilizable and "
+            "(A, Q) detectable"
+        )
+    return P
 
 
 def lqr_gain(A: Any, B: Any, Q: Any, R: Any) -> torch.Tensor:
