@@ -1,7 +1,9 @@
 """Environments: the registry of gymnasium envs with batched torch reward and termination.
 
-Importing ``mbrl.envs`` registers: cartpole-balance, cartpole-swingup, pendulum,
-inverted-pendulum, reacher, pusher, half-cheetah, hopper (see :mod:`mbrl.envs.tasks`).
+Importing ``mbrl.envs`` registers the gymnasium tasks cartpole-balance, cartpole-swingup,
+pendulum, inverted-pendulum, reacher, pusher, half-cheetah, hopper (:mod:`mbrl.envs.tasks`) and the
+analytic systems of :mod:`mbrl.envs.systems` (pendulum-swingup, cartpole-swingup-analytic,
+acrobot-swingup, double-integrator).
 """
 
 from mbrl.envs.registry import make, names, register

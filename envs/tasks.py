@@ -180,7 +180,9 @@ def _cartpole_swingup() -> EnvSpec:
         reward_fn=cartpole.cartpole_swingup_reward,
         termination_fn=never_terminates,
         description="MuJoCo cart-pole swing-up from hanging, 0.6 m pole, PETS tip reward.",
-        solved_return=150.0,
+        # CEM MPC on the true MuJoCo model (H 25, 200 candidates, 4 iterations) returns 179.4
+        # (seed 0), upright after 22 steps; 170 leaves room for model error.
+        solved_return=170.0,
     )
 
 
