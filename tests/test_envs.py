@@ -243,3 +243,16 @@ def test_reward_with_out_of_bound_actions(name: str) -> None:
         assert got.item() == pytest.approx(rew, rel=1e-5, abs=1e-4)
         obs = nxt
     env.close()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fns_stay_on_the_inputs_device_and_dtype(name: str) -> None:
+    """No tensor is made on a fixed device: the fns run on ``meta`` tensors (shapes only)."""
+    spec = mbrl.envs.make(name)
+    obs = torch.empty(5, spec.obs_dim, device="meta")
+    act = torch.empty(5, spec.act_dim, device="meta")
+    reward = spec.reward_fn(obs, act, obs)
+    term = spec.termination_fn(obs)
+    assert reward.device.type == "meta" and reward.shape == (5,)
+    assert reward.dtype == torch.float32
+    assert term.device.type == "meta" and term.shape == (5,) and term.dtype == torch.bool
