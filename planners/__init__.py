@@ -15,3 +15,15 @@ __all__ = [
     "colored_noise",
     "shift_actions",
 ]
+
+# gradient planners: LQR, iLQR / box-DDP (see mbrl.planners.lqr, mbrl.planners.ilqr)
+from mbrl.planners.ilqr import ILQR, box_qp  # noqa: E402
+from mbrl.planners.lqr import (  # noqa: E402
+    LQR,
+    TimeVaryingLQR,
+    lqr_backward,
+    lqr_gain,
+    solve_dare,
+)
+
+__all__ += ["ILQR", "LQR", "TimeVaryingLQR", "box_qp", "lqr_backward", "lqr_gain", "solve_dare"]
