@@ -303,7 +303,8 @@ class _BatchedCasadi:
 
     One mapped copy of the function (and its buffers) is kept per batch size ``B``; inputs are
     rows ``[B, n]``; each output comes back as ``[B, cols, rows]`` (casadi stores matrices
-    column-major), so matrices need a transpose of the last two axes.
+    column-major), so matrices need a transpose of the last two axes. The outputs are the
+    reused buffers: copy them before the next call.
     """
 
     def __init__(self, fn: ca.Function) -> None:
@@ -328,20 +329,21 @@ class _BatchedCasadi:
             entry = self._by_size[b] = (mapped, buf, run, ins, outs)
         _, _, run, ins, outs = entry
         for dst, src in zip(ins, args, strict=True):
-            dst.reshape(b, -1)[:] = src.detach().to("cpu", torch.float64).numpy()
+            dst.reshape(b, -1)[:] = src.numpy(force=True)
         run()
-        return [o.copy() for o in outs]
+        return outs  # the buffers themselves: convert (copy) before the next call
 
 
 def _rows(out: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, n]`` (a column per row) -> ``[B, n]`` in ``like``'s dtype and device."""
-    return torch.as_tensor(out.reshape(out.shape[0], -1), dtype=like.dtype, device=like.device)
+    """``[B, 1, n]`` (a column per row) -> a copy ``[B, n]`` in ``like``'s dtype and device."""
+    rows = torch.from_numpy(out.reshape(out.shape[0], -1))
+    return rows.to(dtype=like.dtype, device=like.device, copy=True)
 
 
 def _mats(out: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """``[B, cols, rows]`` -> ``[B, rows, cols]`` in ``like``'s dtype and device."""
-    mats = np.ascontiguousarray(out.transpose(0, 2, 1))
-    return torch.as_tensor(mats, dtype=like.dtype, device=like.device)
+    """``[B, cols, rows]`` -> a copy ``[B, rows, cols]`` in ``like``'s dtype and device."""
+    mats = torch.from_numpy(out).transpose(1, 2)
+    return mats.to(dtype=like.dtype, device=like.device, copy=True).contiguous()
 
 
 class SystemModel(KnownModel):

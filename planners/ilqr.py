@@ -447,36 +447,43 @@ class ILQR:
         M[nz, nx] = 1.0
         V = VH
         d1 = d2 = 0.0
-        scalar = nu == 1
-        for t in range(h - 1, -1, -1):
-            Ft = F[t]
-            Q = C[t] + Ft.T @ (V @ Ft)  # [Z + 1, Z + 1]
-            rows = Q[nx:nz] + mu * Rg[t]  # [U, Z + 1]: regularized [Q_ux, Q_uu, q_u]
-            qu = Q[nx:nz, nz]  # [U] (not regularized)
-            if scalar:
-                quu = rows[0, nx]
+        Fs, FTs, Cs = list(F), list(F.transpose(0, 2, 1)), list(C)
+        regs = list(mu * Rg) if mu > 0 else None
+        if nu == 1:  # box QP in closed form: clip the Newton step; Python floats for scalars
+            lows, highs = dlow[:, 0].tolist(), dhigh[:, 0].tolist()
+            for t in range(h - 1, -1, -1):
+                Q = Cs[t] + FTs[t] @ (V @ Fs[t])  # [Z + 1, Z + 1]
+                row = Q[nx] if regs is None else Q[nx] + regs[t][0]  # [Z + 1] regularized
+                quu, qu = float(row[nx]), float(Q[nx, nz])
                 if not quu > 0:
                     return None
-                k_free = -qu[0] / quu
-                kt = min(max(k_free, dlow[t, 0]), dhigh[t, 0])
-                Kt = -rows[:, :nx] / quu if k_free == kt else np.zeros((1, nx))
-                k[t, 0] = kt
-            else:
-                quu = rows[:, nx:nz]
-                kt_vec, free, L = box_qp(quu, qu, dlow[t], dhigh[t], k[min(t + 1, h - 1)])
-                if not np.isfinite(kt_vec).all():
-                    return None
-                Kt = np.zeros((nu, nx))
-                if free.any():
-                    qux_f = rows[free, :nx]
-                    Kt[free] = -np.linalg.solve(L.T, np.linalg.solve(L, qux_f))
-                k[t] = kt_vec
-            K[t] = Kt
-            M[nx:nz, :nx] = Kt
-            M[nx:nz, nx] = k[t]
+                k_free = -qu / quu
+                kt = min(max(k_free, lows[t]), highs[t])
+                if kt == k_free:
+                    Kt = row[:nx] / -quu
+                    K[t, 0] = Kt
+                    M[nx, :nx] = Kt
+                else:
+                    M[nx, :nx] = 0.0
+                k[t, 0] = M[nx, nx] = kt
+                V = M.T @ Q @ M
+                d1 += kt * qu
+                d2 += 0.5 * kt * kt * float(Q[nx, nx])
+            return K, k, d1, d2
+        for t in range(h - 1, -1, -1):
+            Q = Cs[t] + FTs[t] @ (V @ Fs[t])  # [Z + 1, Z + 1]
+            rows = Q[nx:nz] if regs is None else Q[nx:nz] + regs[t]  # [U, Z + 1]
+            qu = Q[nx:nz, nz]  # [U] (not regularized)
+            kt, free, L = box_qp(rows[:, nx:nz], qu, dlow[t], dhigh[t], k[min(t + 1, h - 1)])
+            if not np.isfinite(kt).all():
+                return None
+            if free.any():
+                K[t][free] = -np.linalg.solve(L.T, np.linalg.solve(L, rows[free, :nx]))
+            k[t] = kt
+            M[nx:nz, :nx] = K[t]
+            M[nx:nz, nx] = kt
             V = M.T @ Q @ M
             V = 0.5 * (V + V.T)
-            kq = k[t]
-            d1 += float(kq @ qu)
-            d2 += 0.5 * float(kq @ Q[nx:nz, nx:nz] @ kq)
+            d1 += float(kt @ qu)
+            d2 += 0.5 * float(kt @ Q[nx:nz, nx:nz] @ kt)
         return K, k, d1, d2
