@@ -591,6 +591,15 @@ def train(
             "need total_steps >= 1, epoch_length >= 1, updates_per_step >= 0; got "
             f"{cfg.total_steps}, {cfg.epoch_length}, {cfg.updates_per_step}"
         )
+    if use != "none":
+        m = cfg.model
+        rows = int(min(cfg.start_steps, cfg.buffer_capacity) * (1 - m.val_fraction))
+        if rows < m.batch_size:
+            raise ConfigError(
+                f"the first model fit (after start_steps={cfg.start_steps}) has about {rows} "
+                f"training rows, fewer than model.batch_size={m.batch_size}; raise start_steps "
+                "or lower model.batch_size"
+            )
     dev = resolve_device(device)
     spec = envs.make(cfg.env)
     env, eval_env = spec.make(), spec.make()

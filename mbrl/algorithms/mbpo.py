@@ -42,7 +42,7 @@ class Config(ModelBasedConfig):
     """Env steps of the whole run."""
     epoch_length: int = 250
     """Env steps per epoch: one evaluation, metrics row and checkpoint per epoch."""
-    start_steps: int = 250
+    start_steps: int = 500
     """Uniform random actions before the learner acts (and before any update)."""
     updates_per_step: int = 10
     """G, SAC updates per env step."""
