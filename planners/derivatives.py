@@ -15,8 +15,10 @@ Costs are ``l(x, u) = -reward_fn(x, u, f(x, u))`` (``f`` the mean dynamics), or 
 ``stage_cost(x, u)`` when the reward function carries one (analytic systems: no dynamics call
 needed). Their expansions come, in this order, from the reward function's own
 ``cost_expansion(x, u) -> (cost [B], grad [B, Z], hess [B, Z, Z])`` (analytic systems: casadi
-AD), from closed-form matrices when it carries ``quadratic`` (``Q, R, Qf, goal``), or from
-autograd. The terminal cost likewise (``terminal_reward_fn.cost_expansion(x)``). Gradients
+AD), from closed-form matrices when it carries ``quadratic`` (``Q, R, Qf, goal``), from
+autograd of ``stage_cost``, or from autograd of the reward in ``(x, u, next_obs)`` chained
+through the dynamics Jacobians (see :func:`stage_cost_expansion`). The terminal cost likewise
+(``terminal_reward_fn.cost_expansion(x)``, else autograd). Gradients
 and Hessians come from double back-propagation on stacked copies of the rows (see
 :func:`autograd_cost_expansion`).
 """
@@ -170,17 +172,51 @@ def terminal_cost_fn(problem: Any) -> TerminalCostFn | None:
     return lambda x: -terminal(x)
 
 
-def stage_cost_expansion(problem: Any, x: torch.Tensor, u: torch.Tensor) -> CostExpansion:
-    """Expansion of the stage cost at rows ``x [B, X]``, ``u [B, U]`` (``Z = X + U``)."""
-    expand = getattr(problem.reward_fn, "cost_expansion", None)
+def stage_cost_expansion(
+    problem: Any,
+    x: torch.Tensor,
+    u: torch.Tensor,
+    next_x: torch.Tensor | None = None,
+    jacobians: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> CostExpansion:
+    """Expansion of the stage cost at rows ``x [B, X]``, ``u [B, U]`` (``Z = X + U``).
+
+    Rewards with ``cost_expansion``, ``quadratic`` or ``stage_cost`` (no ``next_obs``) are
+    expanded directly. A general ``reward_fn(x, u, y)`` is expanded in all its arguments at
+    ``y = next_x [B, X]`` (the model's mean next states; computed when ``None``) and chained
+    through the dynamics Jacobians ``jacobians = (A [B, X, X], B [B, X, U])`` (computed when
+    ``None``) with ``J = [A, B]``: gradient ``g_z + J' g_y`` (exact), Hessian
+    ``H_zz + J' H_yz + H_zy J + J' H_yy J`` (Gauss-Newton: no second derivatives of the
+    dynamics, as in iLQR). This needs no autograd through the model, so it also serves models
+    with ``linearize`` only (MuJoCo).
+    """
+    reward_fn = problem.reward_fn
+    expand = getattr(reward_fn, "cost_expansion", None)
     if expand is not None:
         return CostExpansion(*expand(x, u))
-    quad = getattr(problem.reward_fn, "quadratic", None)
+    quad = getattr(reward_fn, "quadratic", None)
     if quad is not None:
         return _quadratic_expansion(quad.Q, quad.R, quad.goal, x, u)
-    cost = stage_cost_fn(problem)
-    nx = x.shape[-1]
-    return autograd_cost_expansion(lambda z: cost(z[:, :nx], z[:, nx:]), torch.cat([x, u], -1))
+    nx, nz = x.shape[-1], x.shape[-1] + u.shape[-1]
+    if getattr(reward_fn, "stage_cost", None) is not None:
+        cost = stage_cost_fn(problem)
+        return autograd_cost_expansion(lambda z: cost(z[:, :nx], z[:, nx:]), torch.cat([x, u], -1))
+    stage_cost_fn(problem)  # raises for models that learn the reward
+    if next_x is None:
+        with torch.no_grad():
+            next_x = _mean_dynamics(problem.model)(x, u)
+    if jacobians is None:
+        jacobians = dynamics_jacobians(problem.model, x, u)
+    full = autograd_cost_expansion(
+        lambda w: -reward_fn(w[:, :nx], w[:, nx:nz], w[:, nz:]), torch.cat([x, u, next_x], -1)
+    )  # derivatives in [x, u, y]
+    J = torch.cat([jacobians[0], jacobians[1]], dim=-1).to(full.hess.dtype)  # [B, X, Z]
+    g_z, g_y = full.grad[:, :nz], full.grad[:, nz:]
+    h_zz, h_zy, h_yy = full.hess[:, :nz, :nz], full.hess[:, :nz, nz:], full.hess[:, nz:, nz:]
+    cross = h_zy @ J  # [B, Z, Z]
+    hess = h_zz + cross + cross.mT + J.mT @ h_yy @ J
+    grad = g_z + (J.mT @ g_y.unsqueeze(-1)).squeeze(-1)
+    return CostExpansion(cost=full.cost, grad=grad, hess=hess)
 
 
 def terminal_cost_expansion(problem: Any, x: torch.Tensor) -> CostExpansion | None:

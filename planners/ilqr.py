@@ -393,7 +393,7 @@ class ILQR:
         nu = u.shape[1]
         nz = nx + nu
         A, B = dynamics_jacobians(problem.model, x[:-1], u)  # [H, X, X], [H, X, U]
-        stage = stage_cost_expansion(problem, x[:-1], u)
+        stage = stage_cost_expansion(problem, x[:-1], u, x[1:], (A, B))
         terminal = terminal_cost_expansion(problem, x[-1:])
         fx = A.detach().double().cpu().numpy()
         fu = B.detach().double().cpu().numpy()

@@ -234,3 +234,28 @@ def test_bad_input_raises() -> None:
         SYSTEMS["linear"](np.eye(2), np.ones((3, 1)))
     with pytest.raises(ValueError, match="render"):
         SystemEnv(SYSTEMS["pendulum"](), render_mode="human")
+
+
+@pytest.mark.parametrize("factory", [double_integrator, SYSTEMS["cartpole"]])
+def test_reward_on_next_obs_is_chained_through_the_jacobians(factory) -> None:
+    """``l(x, u) = -r(x, u, f(x, u))``: exact gradient; Hessian exact for linear ``f``
+    (Gauss-Newton otherwise), whether the model has autograd or only ``linearize``."""
+    system = factory()
+    x, u = random_points(system, 5, seed=6)
+    nx = system.obs_dim
+
+    def reward(obs: torch.Tensor, act: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        return -system.cost(obs, act) - (torch.sin(nxt) ** 2).sum(-1) - 0.3 * nxt[:, 0] * act[:, 0]
+
+    def composite(w: torch.Tensor) -> torch.Tensor:
+        return -reward(w[:, :nx], w[:, nx:], system.step(w[:, :nx], w[:, nx:]))
+
+    z = torch.cat([x, u], -1)
+    for model in (_PlainModel(system), system.model()):
+        problem = PlanningProblem(model, reward, None, 5, system.action_low, system.action_high)
+        e = stage_cost_expansion(problem, x, u)
+        torch.testing.assert_close(e.cost, composite(z))
+        torch.testing.assert_close(e.grad, _fd_grad(composite, z), atol=1e-6, rtol=1e-6)
+        if system.quadratic is not None:  # linear dynamics: the Hessian is exact too
+            exact = autograd_cost_expansion(composite, z).hess
+            torch.testing.assert_close(e.hess, exact, atol=1e-8, rtol=1e-8)
