@@ -259,3 +259,10 @@ def test_reward_on_next_obs_is_chained_through_the_jacobians(factory) -> None:
         if system.quadratic is not None:  # linear dynamics: the Hessian is exact too
             exact = autograd_cost_expansion(composite, z).hess
             torch.testing.assert_close(e.hess, exact, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_envs_pass_the_gymnasium_checker(name: str) -> None:
+    from gymnasium.utils.env_checker import check_env
+
+    check_env(make(name).make().unwrapped, skip_render_check=True)
