@@ -113,7 +113,9 @@ class ProbabilisticEnsemble(nn.Module):
             split (PETS); ``False`` gives each member its own shuffle of the same rows.
         activation: ``"silu"`` (PETS's swish), ``"relu"``, ``"tanh"`` or ``"elu"``.
         planning_dtype: dtype of the MLP in rollouts, ``torch.float32`` or ``torch.bfloat16``;
-            rollouts still return float32 observations. Settable.
+            rollouts still return float32 observations. Settable; takes effect at the next
+            :meth:`rollout_start`. bfloat16 pays off only where matmuls run natively in it
+            (GPUs, CPUs with AVX512-BF16/AMX); on CPUs without it, it is many times slower.
         device: where parameters live (``None``: CPU).
         seed: seeds the model's own ``torch.Generator`` (CPU), used for the initial weights,
             the validation split, bootstraps and minibatch shuffles.
@@ -233,6 +235,7 @@ class ProbabilisticEnsemble(nn.Module):
         self._plan_key: tuple = ()
         self.planning_dtype = planning_dtype
         self.propagation = propagation
+        self._planning_weights()
 
     # ------------------------------------------------------------------ settable options
 
@@ -392,6 +395,7 @@ class ProbabilisticEnsemble(nn.Module):
         elites = torch.argsort(best_member_loss.cpu(), stable=True)[: self.num_elites]
         self.elites.copy_(elites.sort().values)
         self.eval()
+        self._planning_weights()
         return FitReport(
             train_loss=tuple(train_hist),
             val_loss=tuple(val_hist),
@@ -534,8 +538,9 @@ class ProbabilisticEnsemble(nn.Module):
         Samples ``obs + delta`` from the Gaussian of the particle's elite (``"ts_inf"``: elite
         fixed by the row, ``"ts1"``: a fresh balanced random assignment of rows to elites from
         ``generator``), or moves it by the mean over elites (``"expectation"``). Uses the
-        weights built by :meth:`rollout_start`. The reward is the sampled (or mean) reward when
-        ``learns_reward``.
+        weights (elites, dtype) current at the last :meth:`rollout_start` or :meth:`fit`. The
+        reward is the sampled (or mean) reward when ``learns_reward``. ``"ts_inf"`` assumes the
+        rows came from :meth:`rollout_start` (``R`` a multiple of ``E_el``).
         """
         return self._step(state.obs, act, generator)
 
@@ -566,7 +571,7 @@ class ProbabilisticEnsemble(nn.Module):
         """
         pw = self._plan_cache
         x = torch.cat((obs, act), dim=-1).sub_(pw.in_mu).mul_(pw.in_inv_std)  # [E, M, X + U]
-        h = x.to(self._planning_dtype)
+        h = x.to(pw.weights[0].dtype)
         for w, b in zip(pw.weights[:-1], pw.biases[:-1], strict=True):
             h = self._act_inplace(torch.baddbmm(b, h, w))  # [E, M, hidden]
         out = torch.baddbmm(pw.biases[-1], h, pw.weights[-1]).float()  # [E, M, 2 D]
