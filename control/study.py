@@ -164,9 +164,9 @@ def _planner(method: str, system: Any, horizon: int, setup: StudySetup, options:
     if method == "ilqr":
         return ILQR(**{"max_iterations": 50, **opts})
     if method == "cem":
-        return CEM(**{"population": 300, "iterations": 5, **opts})
+        return CEM(**{"population": 200, "iterations": 4, **opts})
     if method == "random_shooting":
-        return RandomShooting(**{"population": 1000, **opts})
+        return RandomShooting(**{"population": 500, **opts})
     if method == "nmpc":
         bounds = None
         if setup.state_low is not None:
@@ -428,21 +428,27 @@ def _plot(
         fig.savefig(path, dpi=100)
         plt.close(fig)
         files.append(path)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.errorbar(
-            r.solve_ms_median,
-            r.cost_mean,
-            yerr=r.cost_std,
-            fmt="o",
-            capsize=3,
-            label=f"{r.method} ({r.scenario})",
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("median solve time per MPC step [ms]")
-    ax.set_ylabel("closed-loop cost (mean +- std)")
-    ax.set_title(f"{system}: cost against solve time")
-    ax.legend(fontsize="small")
+    scenarios = list(dict.fromkeys(r.scenario for r in rows))
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios, strict=True):
+        for r in rows:
+            if r.scenario != scenario:
+                continue
+            ax.errorbar(
+                r.solve_ms_median,
+                r.cost_mean,
+                yerr=r.cost_std,
+                fmt="o",
+                capsize=3,
+                color=colors[r.method],
+                label=r.method,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("median solve time per MPC step [ms]")
+        ax.set_ylabel("closed-loop cost (mean +- std)")
+        ax.set_title(f"{system} {scenario}")
+        ax.legend(fontsize="small")
     fig.tight_layout()
     path = out / "cost_vs_time.png"
     fig.savefig(path, dpi=100)

@@ -254,8 +254,16 @@ class MujocoModel:
         fs = self.frame_skip
         ctrl = np.repeat(np.ascontiguousarray(actions, dtype=np.float64), fs, axis=1)
         out = np.empty((b, h * fs, self.nstate))  # [B, H * fs, nstate]
+        # Small chunks balance the threads (MuJoCo's default, B / (10 nthread), left one thread
+        # idle at the end on a busy machine: 5.9k vs 9.3k half-cheetah steps/s at B = 512).
+        chunk = max(1, b // (64 * max(1, self.nthread)))
         self._pool.rollout(
-            self.mj_model, self._datas, np.ascontiguousarray(state0), ctrl, state=out
+            self.mj_model,
+            self._datas,
+            np.ascontiguousarray(state0),
+            ctrl,
+            state=out,
+            chunk_size=chunk,
         )
         states = out[:, fs - 1 :: fs]  # [B, H, nstate]
         # A MuJoCo auto-reset sets time back to zero: compare with the expected clock.
