@@ -2,7 +2,8 @@
 
 Every ``replan_every`` steps the controller plans from the current observation, warm-started
 with the previous plan shifted by the steps taken since (the tail is filled with the middle of
-the action bounds). Between replans it plays the stored plan, adding the plan's time-varying
+the action bounds); a plan that carries elites (iCEM) hands them back shifted as
+``warm_elites``. Between replans it plays the stored plan, adding the plan's time-varying
 feedback ``K[t] (x - x_ref[t])`` when the planner provides it (LQR, iLQR).
 """
 
@@ -17,7 +18,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mbrl.planners.base import Plan, Planner, PlanningProblem
+from mbrl.planners.base import Plan, Planner, PlanningProblem, shift_actions
 
 
 class Policy(Protocol):
@@ -48,7 +49,7 @@ class MPCStats:
     plans: int = 0
     plan_seconds: float = 0.0
     nonfinite: int = 0  # candidates scored minus infinity
-    not_ok: int = 0  # plans whose status was not "ok"
+    not_ok: int = 0  # plans whose status is not in OK_STATUSES
 
 
 class MPCController:
@@ -95,20 +96,24 @@ class MPCController:
         """The stored plan shifted by the steps played, padded with mid-bound actions."""
         if self.plan is None:
             return None
-        rest = self.plan.actions[self._t :]
-        pad = self._mid.expand(self._t, -1)
-        return torch.cat([rest, pad], dim=0)
+        return shift_actions(self.plan.actions, self._t, self._mid)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         x = torch.as_tensor(obs, dtype=torch.float32, device=self.device)  # [X]
         if self.plan is None or self._t >= self.replan_every:
             start = time.perf_counter()
             before = self.problem.nonfinite
-            self.plan = self.planner.plan(self.problem, x, self.warm_start())
+            if self.plan is not None and self.plan.elites is not None:  # iCEM's shifted elites
+                elites = shift_actions(self.plan.elites, self._t, self._mid)
+                self.plan = self.planner.plan(
+                    self.problem, x, self.warm_start(), warm_elites=elites
+                )
+            else:
+                self.plan = self.planner.plan(self.problem, x, self.warm_start())
             self.stats.plans += 1
             self.stats.plan_seconds += time.perf_counter() - start
             self.stats.nonfinite += self.problem.nonfinite - before
-            self.stats.not_ok += self.plan.status != "ok"
+            self.stats.not_ok += not self.plan.ok
             self._t = 0
         u = self.plan.actions[self._t]
         if self.plan.K is not None and self.plan.x_ref is not None:

@@ -33,12 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
     run_p.add_argument("--device", default="cpu", help="cpu or cuda")
     run_p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    run_p.set_defaults(overrides=[])
 
     res_p = sub.add_parser("resume", help="continue a run from its last checkpoint")
     res_p.add_argument("path", help="the run folder, runs/<name>")
     res_p.add_argument("--device", help="override the device the run was started with")
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may come after options
+        if args.command != "run" or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "envs":
             return _envs()

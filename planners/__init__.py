@@ -1,13 +1,13 @@
 """Planners on the shared planning problem."""
 
-from mbrl.planners.base import Plan, Planner, PlanningProblem
+from mbrl.planners.base import OK_STATUSES, Plan, Planner, PlanningProblem, shift_actions
 from mbrl.planners.noise import colored_noise
-from mbrl.planners.sampling import CEM, MPPI, CEMPlan, RandomShooting, shift_actions
+from mbrl.planners.sampling import CEM, MPPI, RandomShooting
 
 __all__ = [
+    "OK_STATUSES",
     "CEM",
     "MPPI",
-    "CEMPlan",
     "Plan",
     "Planner",
     "PlanningProblem",

@@ -37,6 +37,27 @@ class Plan:
     iterations: int = 0
     nonfinite: int = 0  # candidates scored minus infinity during this plan
     diagnostics: Mapping[str, float] = field(default_factory=dict)
+    elites: torch.Tensor | None = None  # [K, H, U] best candidates, best first (iCEM's reuse)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the planner vouches for the plan ("ok", or a solver's "converged")."""
+        return self.status in OK_STATUSES
+
+
+OK_STATUSES = frozenset({"ok", "converged"})
+"""Plan statuses that mean the plan can be trusted; every other status is counted as a failure."""
+
+
+def shift_actions(actions: torch.Tensor, steps: int, fill: torch.Tensor) -> torch.Tensor:
+    """Drop the first ``steps`` actions of ``actions [..., H, U]`` and pad the tail with ``fill``
+    ``[U]`` so that the result keeps the shape ``[..., H, U]`` (the receding-horizon shift)."""
+    if steps < 0:
+        raise ValueError(f"shift_actions: steps must be >= 0, got {steps}")
+    horizon = actions.shape[-2]
+    steps = min(steps, horizon)
+    pad = fill.to(actions).expand(*actions.shape[:-2], steps, actions.shape[-1])
+    return torch.cat([actions[..., steps:, :], pad], dim=-2)
 
 
 class Planner(Protocol):

@@ -19,35 +19,12 @@ first population of every planner, so a good previous plan is never lost.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from mbrl.planners.base import Plan, PlanningProblem
+from mbrl.planners.base import Plan, PlanningProblem, shift_actions  # noqa: F401
 from mbrl.planners.noise import colored_noise, uniform_noise, white_noise
 from mbrl.shapes import ShapeError, check_shape
-
-
-@dataclass(frozen=True)
-class CEMPlan(Plan):
-    """A :class:`~mbrl.planners.base.Plan` that also carries CEM's final elites.
-
-    Shift them with :func:`shift_actions` and pass them back as ``warm_elites`` to the next
-    :meth:`CEM.plan` to reuse them (iCEM's shifted elites, ``shift_elites=True``).
-    """
-
-    elites: torch.Tensor | None = None  # [K, H, U] elites of the last iteration, best first
-
-
-def shift_actions(actions: torch.Tensor, steps: int, fill: torch.Tensor) -> torch.Tensor:
-    """Drop the first ``steps`` actions of ``actions [..., H, U]`` and pad the tail with ``fill``
-    ``[U]`` so that the result keeps the shape ``[..., H, U]`` (the receding-horizon shift)."""
-    if steps < 0:
-        raise ValueError(f"shift_actions: steps must be >= 0, got {steps}")
-    horizon = actions.shape[-2]
-    steps = min(steps, horizon)
-    pad = fill.to(actions).expand(*actions.shape[:-2], steps, actions.shape[-1])
-    return torch.cat([actions[..., steps:, :], pad], dim=-2)
 
 
 class RandomShooting:
@@ -121,8 +98,8 @@ class CEM:
     - ``keep_elites_fraction``: the best ``round(keep_elites_fraction * K)`` (at least 1) elites
       of iteration ``i`` are added to the population of iteration ``i + 1`` and scored again.
     - ``shift_elites``: the best elites of the previous plan, shifted by the caller
-      (``warm_elites`` of :meth:`plan`, see :class:`CEMPlan` and :func:`shift_actions`), are added
-      to the first population; as many as ``keep_elites_fraction`` keeps (at least 1).
+      (``warm_elites`` of :meth:`plan`, see :attr:`Plan.elites` and :func:`shift_actions`), are
+      added to the first population; as many as ``keep_elites_fraction`` keeps (at least 1).
 
     Stopping rule: exactly ``iterations`` refits, no early stop.
 
@@ -205,7 +182,7 @@ class CEM:
         x0: torch.Tensor,
         warm_start: torch.Tensor | None = None,
         warm_elites: torch.Tensor | None = None,
-    ) -> CEMPlan:
+    ) -> Plan:
         """Refit a Gaussian over ``[H, U]`` to the elites ``iterations`` times from ``x0 [X]``.
 
         Args:
@@ -277,21 +254,23 @@ class CEM:
             "final_std_mean": float(std.mean()),
             "best_return": best,
         }
-        common = {"iterations": self.iterations, "elites": elites, "diagnostics": diagnostics}
+        common = {
+            "iterations": self.iterations,
+            "elites": elites if self.shift_elites else None,
+            "diagnostics": diagnostics,
+        }
         if not math.isfinite(best):
-            return CEMPlan(
+            return Plan(
                 mean0, best, status="all_nonfinite", nonfinite=nonfinite_before_mean, **common
             )
         if self.return_mean_or_best == "best":
-            return CEMPlan(best_actions, best, nonfinite=nonfinite_before_mean, **common)
+            return Plan(best_actions, best, nonfinite=nonfinite_before_mean, **common)
         mean = torch.minimum(torch.maximum(mean, low), high)
         mean_return = float(problem.evaluate(x0, mean[None])[0])
         nonfinite = problem.nonfinite - before
         if not math.isfinite(mean_return):
-            return CEMPlan(
-                best_actions, best, status="mean_nonfinite", nonfinite=nonfinite, **common
-            )
-        return CEMPlan(mean, mean_return, nonfinite=nonfinite, **common)
+            return Plan(best_actions, best, status="mean_nonfinite", nonfinite=nonfinite, **common)
+        return Plan(mean, mean_return, nonfinite=nonfinite, **common)
 
 
 class MPPI:
