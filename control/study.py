@@ -71,9 +71,9 @@ def _setup(name: str) -> StudySetup:
     if name == "acrobot":  # Acrobot-v1's velocity limits
         return StudySetup(
             50,
-            150,
+            120,
             0.1,
-            0.1,
+            0.05,
             np.array([-inf, -inf, -4 * np.pi, -9 * np.pi]),
             np.array([inf, inf, 4 * np.pi, 9 * np.pi]),
         )
