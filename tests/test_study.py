@@ -56,3 +56,37 @@ def test_bad_arguments_raise():
         run_study("linear", "/tmp/unused", methods=["lqr", "mppi"])
     with pytest.raises(ValueError, match="scenarios"):
         run_study("linear", "/tmp/unused", scenarios=["swingup"])
+
+
+def test_same_seed_same_study(tmp_path):
+    def once(path):
+        return run_study(
+            "linear",
+            path,
+            num_initial_states=1,
+            horizon=5,
+            episode_steps=4,
+            methods=["cem", "random_shooting"],
+            planner_options={
+                "cem": {"population": 32, "iterations": 2},
+                "random_shooting": {"population": 32},
+            },
+            progress=None,
+        )
+
+    a, b = once(tmp_path / "a"), once(tmp_path / "b")
+    for ea, eb in zip(a.episodes, b.episodes, strict=True):
+        assert ea.cost == eb.cost
+        assert (ea.act == eb.act).all()
+    c = run_study(
+        "linear",
+        tmp_path / "c",
+        num_initial_states=1,
+        horizon=5,
+        episode_steps=4,
+        methods=["random_shooting"],
+        seed=1,
+        progress=None,
+        planner_options={"random_shooting": {"population": 32}},
+    )
+    assert c.episodes[0].cost != a.episodes[1].cost
