@@ -1,0 +1,142 @@
+"""Gaussian-process dynamics at scale: fit time and planning-query throughput.
+
+Data are pendulum-like transitions (X = 3: cos, sin, angular velocity; U = 1) from the
+Pendulum-v1 equations with uniformly random states and torques. For each training size
+``N`` (default 500, 1000, 2000, 10000) and each GP kind (``exact`` while N <= the exact limit,
+``sparse`` = SGPR with M inducing points, forced with ``max_exact_points=0``):
+
+- ``fit_s``: wall time of :meth:`GaussianProcessModel.fit` (``--iterations`` Adam steps, the
+  caches included);
+- ``step_ms``: median wall time of one :meth:`rollout_step` with ``N * P = 10,000`` query rows
+  (sampled next states, so predictive variances are computed), under ``torch.inference_mode``;
+  ``mean_step_ms`` the same for ``propagation="expectation"`` (no variance);
+- ``gflops``: achieved GFLOP/s of the sampled step (kernel distances, kernel-vector products and
+  the LOVE / SGPR variance root), next to the machine's float32 matmul peak;
+- ``rmse``: one-step RMSE of the predictive mean on 2,000 held-out transitions.
+
+Timings depend on what else runs on the cores: the 1-minute load average is printed.
+
+    python experiments/bench_gp.py [--sizes 500 1000 2000 10000] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import matmul_peak_gflops  # noqa: E402
+
+from mbrl.dynamics import Transitions  # noqa: E402
+from mbrl.dynamics.gp import GaussianProcessModel  # noqa: E402
+
+QUERIES = 10_000
+
+
+def pendulum_data(n: int, seed: int) -> Transitions:
+    """Pendulum-v1 steps (g = 10, m = l = 1, dt = 0.05, speed clipped to 8) from random
+    states and torques, observed as ``[cos th, sin th, thdot]``."""
+    g = torch.Generator().manual_seed(seed)
+    th = (torch.rand(n, generator=g) * 2 - 1) * torch.pi
+    thdot = (torch.rand(n, generator=g) * 2 - 1) * 8
+    u = (torch.rand(n, generator=g) * 2 - 1) * 2
+    new_thdot = (thdot + (3 * 10.0 / 2 * torch.sin(th) + 3.0 * u) * 0.05).clamp(-8, 8)
+    new_th = th + new_thdot * 0.05
+    obs = torch.stack([th.cos(), th.sin(), thdot], 1)
+    nxt = torch.stack([new_th.cos(), new_th.sin(), new_thdot], 1)
+    return Transitions(obs, u[:, None], nxt, torch.zeros(n), torch.zeros(n, dtype=torch.bool))
+
+
+def step_flops(model: GaussianProcessModel) -> float:
+    """Multiply-adds (x2) of one sampled step of QUERIES rows."""
+    cache = model._cache
+    x, c, d = cache["centers"].shape
+    r = cache["root"].shape[-1]
+    return 2.0 * x * QUERIES * c * (d + 1 + r)
+
+
+def time_step(model: GaussianProcessModel, obs: torch.Tensor, act: torch.Tensor, reps: int):
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    with torch.inference_mode():
+        state = model.rollout_start(obs, 1, gen)
+        model.rollout_step(state, act, gen)  # warm-up
+        for _ in range(reps):
+            start = time.perf_counter()
+            model.rollout_step(state, act, gen)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000, 10000])
+    parser.add_argument("--exact-limit", type=int, default=2000)
+    parser.add_argument("--inducing", type=int, default=256)
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    test = pendulum_data(2000, seed=1)
+    queries = pendulum_data(QUERIES, seed=2)
+    results = []
+    for n in args.sizes:
+        data = pendulum_data(n, seed=0)
+        kinds = (["exact"] if n <= args.exact_limit else []) + ["sparse"]
+        for kind in kinds:
+            common = dict(
+                inducing_points=args.inducing,
+                iterations=args.iterations,
+                max_exact_points=args.exact_limit if kind == "exact" else 0,
+            )
+            model = GaussianProcessModel(3, 1, **common)
+            start = time.perf_counter()
+            model.fit(data)
+            fit_s = time.perf_counter() - start
+            step = time_step(model, queries.obs, queries.act, args.reps)
+            mean_model = GaussianProcessModel(3, 1, propagation="expectation", **common)
+            mean_model.load_state_dict(model.state_dict())
+            mean_step = time_step(mean_model, queries.obs, queries.act, args.reps)
+            with torch.inference_mode():
+                pred = model.predict(test.obs, test.act)
+            rmse = float(((pred.mean - test.next_obs) ** 2).mean().sqrt())
+            results.append(
+                {
+                    "n": n,
+                    "kind": kind,
+                    "centers": model.diagnostics.num_centers,
+                    "variance_rank": model._cache["root"].shape[-1],
+                    "fit_s": round(fit_s, 2),
+                    "step_ms": round(step * 1e3, 2),
+                    "mean_step_ms": round(mean_step * 1e3, 2),
+                    "gflops": round(step_flops(model) / step / 1e9, 2),
+                    "rmse": round(rmse, 5),
+                    "jitter": model.diagnostics.jitter,
+                }
+            )
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    out = {
+        "benchmark": "gp",
+        "queries_per_step": QUERIES,
+        "iterations": args.iterations,
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "load_average_1min": os.getloadavg()[0],
+        "matmul_peak_gflops": round(matmul_peak_gflops(), 1),
+        "results": results,
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
