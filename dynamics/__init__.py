@@ -27,3 +27,7 @@ __all__ += ["MujocoModel"]
 from mbrl.dynamics.ensemble import MemberPrediction, ProbabilisticEnsemble  # noqa: E402
 
 __all__ += ["MemberPrediction", "ProbabilisticEnsemble"]
+
+from mbrl.dynamics.gp import GaussianProcessModel, GPDiagnostics  # noqa: E402
+
+__all__ += ["GPDiagnostics", "GaussianProcessModel"]

@@ -18,6 +18,7 @@ ALGORITHMS: dict[str, str] = {
     "mbpo": "mbrl.algorithms.mbpo",
     "mve": "mbrl.algorithms.mve",
     "mba": "mbrl.algorithms.mba",
+    "gp-mpc": "mbrl.algorithms.gp_mpc",
 }
 
 
