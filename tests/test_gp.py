@@ -253,3 +253,28 @@ def test_state_dict_round_trip(fitted):
     assert torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var)
     with pytest.raises(ValueError, match="kernel"):
         GaussianProcessModel(2, 1, kernel="matern").load_state_dict(state)
+
+
+def test_gp_mpc_runs_and_resumes(tmp_path):
+    """CLI-shaped smoke test of GP-MPC with a tiny budget: one random and one MPC episode,
+    metrics, checkpoint and plot written; a second call resumes and runs nothing again."""
+    from mbrl.algorithms import get
+    from mbrl.algorithms.common import PlannerConfig
+    from mbrl.runs import Run
+
+    module = get("gp-mpc")
+    cfg = module.Config(
+        env="pendulum",
+        trials=1,
+        horizon=3,
+        model=module.GPConfig(iterations=5),
+        planner=PlannerConfig(population=16, iterations=1),
+    )
+    summary = module.train(cfg, Run(tmp_path / "run", cfg, {"algo": "gp-mpc"}))
+    assert len(summary.returns) == 1 and math.isfinite(summary.returns[0])
+    lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 3  # header, random episode, one trial
+    assert (tmp_path / "run" / "learning_curve.png").exists()
+    again = module.train(cfg, Run(tmp_path / "run", cfg))
+    assert again.returns == summary.returns
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3
