@@ -144,10 +144,14 @@ class _Timed:
         self.statuses: list[str] = []
 
     def plan(
-        self, problem: PlanningProblem, x0: torch.Tensor, warm_start: torch.Tensor | None = None
+        self,
+        problem: PlanningProblem,
+        x0: torch.Tensor,
+        warm_start: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> Plan:
         start = time.perf_counter()
-        plan = self.planner.plan(problem, x0, warm_start)
+        plan = self.planner.plan(problem, x0, warm_start, **kwargs)  # kwargs: iCEM's elites
         self.seconds.append(time.perf_counter() - start)
         self.statuses.append(plan.status)
         return plan
