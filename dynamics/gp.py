@@ -44,7 +44,9 @@ sampling.
 from __future__ import annotations
 
 import math
+import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +56,7 @@ from gpytorch.constraints import GreaterThan, Interval
 from gpytorch.priors import GammaPrior
 from linear_operator import to_dense, to_linear_operator
 from linear_operator.utils.errors import NotPSDError
+from linear_operator.utils.warnings import NumericalWarning
 
 from mbrl.dynamics.base import FitReport, Prediction, RolloutState, Transitions
 from mbrl.shapes import check_shape
@@ -197,8 +200,12 @@ class GaussianProcessModel:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._sample = propagation == "sample"
         self._kern = _matern52 if kernel == "matern" else _rbf
-        self._cache: dict[str, torch.Tensor] | None = None
-        self.diagnostics: GPDiagnostics | None = None
+        self._cache: dict[str, torch.Tensor] | None = None  # see _build_cache for shapes
+        self._x_mean = torch.zeros(obs_dim + act_dim, device=self.device)  # [D] input z-score
+        self._x_std = torch.ones(obs_dim + act_dim, device=self.device)  # [D]
+        self._y_mean = torch.zeros(obs_dim, device=self.device)  # [X] delta z-score
+        self._y_std = torch.ones(obs_dim, device=self.device)  # [X]
+        self.diagnostics: GPDiagnostics | None = None  # set by fit / load_state_dict
 
     # ----------------------------------------------------------------- fitting
     def fit(self, data: Transitions, generator: torch.Generator | None = None) -> FitReport:
@@ -208,7 +215,8 @@ class GaussianProcessModel:
         negative collapsed bound), averaged over outputs, with the log priors, at iteration
         ``i``; ``val_loss[i]`` the held-out one-step Gaussian NLL per output in normalised units.
         ``generator`` (default: the model's own) draws the validation split and the k-means
-        initialisation.
+        initialisation. With a validation split the model conditions on the training part
+        only (the held-out transitions are not added back after the fit).
 
         Raises:
             ValueError: fewer than :data:`MIN_POINTS` transitions, wrong shapes or non-finite
@@ -322,7 +330,11 @@ class GaussianProcessModel:
             for it in range(self.iterations):
                 while True:
                     try:
-                        with gpytorch.settings.cholesky_jitter(float_value=jitter):
+                        with (
+                            gpytorch.settings.cholesky_jitter(float_value=jitter),
+                            warnings.catch_warnings(record=True) as caught,
+                        ):
+                            warnings.simplefilter("always", NumericalWarning)
 
                             def closure() -> torch.Tensor:
                                 opt.zero_grad()
@@ -333,6 +345,7 @@ class GaussianProcessModel:
                             loss = opt.step(closure) if self.optimizer == "lbfgs" else closure()
                             if self.optimizer == "adam":
                                 opt.step()
+                        used_jitter = max([used_jitter] + _jitters(caught))
                         break
                     except NotPSDError:
                         jitter *= 10.0
@@ -594,6 +607,16 @@ def _cholesky(a: torch.Tensor) -> tuple[torch.Tensor, float]:
         f"GP: matrix not positive definite even with jitter {_MAX_JITTER:g}; the data may hold "
         "duplicated inputs with conflicting targets, or noise_floor is too small"
     )
+
+
+def _jitters(caught: list[warnings.WarningMessage]) -> list[float]:
+    """Jitter values gpytorch reports having added ("added jitter of 1.0e-06 ...")."""
+    found = []
+    for w in caught:
+        match = re.search(r"added jitter of ([0-9.eE+-]+)", str(w.message))
+        if match:
+            found.append(float(match.group(1)))
+    return found
 
 
 def _safe_std(x: torch.Tensor) -> torch.Tensor:

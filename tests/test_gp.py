@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
 from linear_operator.utils.errors import NotPSDError
 
 from mbrl.dynamics import DifferentiableModel, DynamicsModel, Transitions
-from mbrl.dynamics.gp import MIN_POINTS, GaussianProcessModel, _cholesky
+from mbrl.dynamics.gp import MIN_POINTS, GaussianProcessModel, _cholesky, _jitters
 
 torch.set_num_threads(1)
 NOISE = 0.05
@@ -218,6 +219,11 @@ def test_cholesky_jitter_retry_and_failure():
     assert jitter > 0 and torch.isfinite(chol).all()
     with pytest.raises(NotPSDError, match="jitter"):
         _cholesky(-torch.eye(3)[None])
+    # jitter that gpytorch adds silently during the fit is read from its warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("A not p.d., added jitter of 1.0e-05 to the diagonal", stacklevel=1)
+    assert _jitters(caught) == [1e-5]
 
 
 def test_fit_is_reproducible_and_reports_losses():
