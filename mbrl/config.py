@@ -46,8 +46,13 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, values)
 
 
-def from_dict(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
-    """Build dataclass ``cls`` from a nested dict, checking keys and converting types."""
+def from_dict(cls: type[C], values: dict[str, Any], prefix: str = "", base: C | None = None) -> C:
+    """Build dataclass ``cls`` from a nested dict, checking keys and converting types.
+
+    Keys not in ``values`` keep their value in ``base`` (default: ``cls()``), so a nested
+    config keeps its parent's defaults for the keys a file or override leaves out.
+    """
+    base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - set(fields))
@@ -58,8 +63,12 @@ def from_dict(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
         )
     kwargs = {}
     for name, value in values.items():
-        kwargs[name] = _convert(hints[name], value, prefix + name)
-    return cls(**kwargs)
+        current = getattr(base, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            kwargs[name] = from_dict(type(current), value, prefix + name + ".", current)
+        else:
+            kwargs[name] = _convert(hints[name], value, prefix + name)
+    return dataclasses.replace(base, **kwargs)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -92,6 +92,16 @@ def test_config_yaml_then_overrides(tmp_path):
     assert load_config(_Cfg, None, ["limit=null"]).limit is None
 
 
+@dataclass
+class _Parent:
+    inner: _Inner = field(default_factory=lambda: _Inner(width=9))
+    """A nested config whose defaults differ from the class's own."""
+
+
+def test_nested_override_keeps_the_parents_defaults():
+    assert load_config(_Parent, None, ["inner.rate=0.5"]).inner == _Inner(width=9, rate=0.5)
+
+
 def test_config_unknown_key_lists_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) stepz; valid keys: env, steps"):
         load_config(_Cfg, None, ["stepz=3"])

@@ -76,21 +76,23 @@ class Config:
     seed: int = 0
     """Seeds the env resets, the model, the planner and the random episodes."""
     trials: int = 5
-    """MPC episodes after the random ones."""
+    """MPC episodes after the random ones (at most; see stop_when_solved)."""
     seed_steps: int = 200
     """Random-action transitions collected before the first trial."""
     horizon: int = 15
     """Planning horizon H."""
-    particles: int = 20
+    particles: int = 10
     """Particles P per candidate (a multiple of the elite count for TS-inf)."""
     replan_every: int = 1
     """Plan every k env steps."""
     buffer_capacity: int = 1_000_000
     """Most real transitions kept."""
-    stop_when_solved: int = 0
+    stop_when_solved: int = 1
     """Stop after this many consecutive solved trials (0: run every trial)."""
     model: EnsembleConfig = field(default_factory=EnsembleConfig)
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    planner: PlannerConfig = field(
+        default_factory=lambda: PlannerConfig(population=200, iterations=3)
+    )
 
 
 def build_model(cfg: Config, spec: envs.EnvSpec, device: torch.device) -> ProbabilisticEnsemble:

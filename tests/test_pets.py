@@ -1,0 +1,161 @@
+"""PETS end to end: learning on cart-pole balance, exact resume, NaN handling, the CLI."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from mbrl import cli
+from mbrl.control import MPCController
+from mbrl.dynamics.ensemble import ProbabilisticEnsemble
+
+TINY = [
+    "model.ensemble_size=3",
+    "model.hidden_size=100",
+    "model.num_layers=2",
+    "particles=6",
+    "horizon=15",
+    "planner.population=100",
+    "planner.iterations=3",
+]
+
+
+def _rows(path):
+    with open(path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+@pytest.mark.learning
+def test_pets_learns_cartpole_balance(tmp_path, capsys):
+    """A small PETS solves cart-pole balance (random actions score about 20 of 200)."""
+    args = ["run", "pets", "--env", "cartpole-balance", "--runs-dir", str(tmp_path), *TINY,
+            "trials=3", "stop_when_solved=1", "--name", "learn"]  # fmt: skip
+    assert cli.main(args) == 0
+    returns = [float(r["return"]) for r in _rows(tmp_path / "learn") if r["trial"] != "0"]
+    assert max(returns) >= 190, returns
+    out = capsys.readouterr().out
+    assert "solved: return >= 200" in out or "not solved" in out
+    assert (tmp_path / "learn" / "learning_curve.png").stat().st_size > 1000
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    args = ["run", "pets", "--env", "cartpole-balance", "--runs-dir", str(tmp_path), *TINY,
+            "trials=2", "seed_steps=50", "planner.population=30", "model.max_epochs=3"]  # fmt: skip
+    assert cli.main([*args, "--name", "full"]) == 0
+    full = _rows(tmp_path / "full")
+    assert [r["trial"] for r in full][-2:] == ["1", "2"]
+
+    from mbrl.runs import Run
+
+    original, saves = Run.save_checkpoint, []
+
+    def save_then_die(self, state):
+        original(self, state)
+        saves.append(1)
+        if len(saves) == 2:  # after trial 1
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*args, "--name", "killed"])
+    monkeypatch.setattr(Run, "save_checkpoint", original)
+    assert _rows(tmp_path / "killed")[-1]["trial"] == "1"
+    assert cli.main(["resume", str(tmp_path / "killed")]) == 0
+    assert _rows(tmp_path / "killed") == full
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["state"]
+    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["state"]
+    _assert_same(a["model"], b["model"])
+    _assert_same(a["buffer"], b["buffer"])
+
+
+def _assert_same(a, b, path="state"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def test_nonfinite_model_predictions_are_counted_and_never_reach_the_env(tmp_path, monkeypatch):
+    original = ProbabilisticEnsemble.rollout_step
+    sent = []
+
+    def sometimes_nan(self, state, act, generator=None):
+        nxt = original(self, state, act, generator)
+        bad = (act[:, 0] > 0.5)[:, None]
+        return type(nxt)(obs=nxt.obs.masked_fill(bad, float("nan")), reward=nxt.reward)
+
+    monkeypatch.setattr(ProbabilisticEnsemble, "rollout_step", sometimes_nan)
+    import mbrl.algorithms.pets as pets
+
+    real_run_episode = pets.run_episode
+
+    def spy(env, policy, **kwargs):
+        if not isinstance(policy, MPCController):
+            return real_run_episode(env, policy, **kwargs)
+        act = policy.act
+
+        def checked(obs):
+            action = act(obs)
+            sent.append(action)
+            return action
+
+        policy.act = checked
+        return real_run_episode(env, policy, **kwargs)
+
+    monkeypatch.setattr(pets, "run_episode", spy)
+    args = ["run", "pets", "--env", "cartpole-balance", "--runs-dir", str(tmp_path), *TINY,
+            "trials=1", "seed_steps=50", "--name", "nan"]  # fmt: skip
+    assert cli.main(args) == 0
+    rows = _rows(tmp_path / "nan")
+    assert int(rows[-1]["nonfinite"]) > 0
+    assert sent and np.isfinite(np.stack(sent)).all()
+    assert np.stack(sent).max() <= 0.5 + 1e-6  # candidates that went NaN are never chosen
+
+
+def test_cli_lists_envs(capsys):
+    assert cli.main(["envs"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cartpole-balance", "cartpole-swingup", "half-cheetah", "pendulum", "hopper"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "petz", "--env", "pendulum"], "unknown algorithm 'petz'; valid names: "),
+        (["run", "pets", "--env", "pendulm"], "unknown env 'pendulm'; valid names: "),
+        (["run", "pets", "--env", "pendulum", "horizn=3"], "unknown config key(s) horizn"),
+        (["run", "pets", "--env", "pendulum", "model.hidden=3"], "valid keys: model.ensemble_size"),
+        (["run", "pets", "--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
+        (["resume", "runs/does-not-exist"], "is not a run folder"),
+    ],
+)
+def test_cli_bad_input_names_the_problem(argv, message, capsys, tmp_path):
+    assert cli.main([*argv, "--runs-dir", str(tmp_path)] if argv[0] == "run" else argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.yaml").write_text("{}")
+    argv = ["run", "pets", "--env", "pendulum", "--runs-dir", str(tmp_path), "--name", "x"]
+    assert cli.main(argv) == 2
+    assert "mbrl resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_truncated_checkpoint(tmp_path, capsys):
+    args = ["run", "pets", "--env", "cartpole-balance", "--runs-dir", str(tmp_path), *TINY,
+            "trials=0", "seed_steps=20", "--name", "t"]  # fmt: skip
+    assert cli.main(args) == 0
+    ckpt = tmp_path / "t" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    assert cli.main(["resume", str(tmp_path / "t")]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
