@@ -39,6 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     res_p.add_argument("path", help="the run folder, runs/<name>")
     res_p.add_argument("--device", help="override the device the run was started with")
 
+    study_p = sub.add_parser("study", help="comparison studies")
+    study_p.add_argument("kind", choices=["control"], help="control: the control-theory study")
+    study_p.add_argument("--system", required=True, help="linear, pendulum, cartpole or acrobot")
+    study_p.add_argument("--initial-states", type=int, default=3, help="K initial states")
+    study_p.add_argument("--horizon", type=int, help="planning horizon (per-system default)")
+    study_p.add_argument("--steps", type=int, help="episode length (per-system default)")
+    study_p.add_argument("--seed", type=int, default=0)
+    study_p.add_argument("--methods", nargs="+", help="subset of lqr ilqr cem random_shooting nmpc")
+    study_p.add_argument("--name", help="run folder name (default study-control-SYSTEM)")
+    study_p.add_argument("--runs-dir", default="runs")
+
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may come after options
         if args.command != "run" or any("=" not in e or e.startswith("-") for e in extra):
@@ -51,7 +62,16 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "resume":
             return _resume(args)
-    except (KeyError, ConfigError, CheckpointError, FileExistsError, RuntimeError) as e:
+        if args.command == "study":
+            return _study(args)
+    except (
+        KeyError,
+        ValueError,
+        ConfigError,
+        CheckpointError,
+        FileExistsError,
+        RuntimeError,
+    ) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"mbrl: error: {message}", file=sys.stderr)
         return 2
@@ -98,6 +118,35 @@ def _resume(args: argparse.Namespace) -> int:
     cfg = from_dict(module.Config, yaml.safe_load((path / "config.yaml").read_text()) or {})
     device = args.device or meta.get("device", "cpu")
     return _train(module, cfg, Run(path, cfg), device, meta["algo"])
+
+
+def _study(args: argparse.Namespace) -> int:
+    import torch
+
+    from mbrl.control.study import METHODS, run_study
+    from mbrl.envs.systems import SYSTEMS
+
+    if args.system not in SYSTEMS:
+        raise KeyError(f"unknown system {args.system!r}; valid names: {', '.join(SYSTEMS)}")
+    methods = tuple(args.methods or METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise KeyError(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
+    torch.set_num_threads(1)  # many tiny solves: threads only add synchronisation
+    out = Path(args.runs_dir) / (args.name or f"study-control-{args.system}")
+    result = run_study(
+        args.system,
+        out,
+        num_initial_states=args.initial_states,
+        horizon=args.horizon,
+        episode_steps=args.steps,
+        seed=args.seed,
+        methods=methods,
+    )
+    print((out / "results.md").read_text())
+    print(f"table: {out / 'results.csv'}\nplots: {out}/*.png")
+    del result
+    return 0
 
 
 def _train(module, cfg, run: Run, device: str, algo: str) -> int:
