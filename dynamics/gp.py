@@ -22,7 +22,7 @@ Prediction uses caches built once at the end of ``fit`` (and restored by
   ``R R^T ≈ (K + σ²I)^{-1}`` from LOVE (Pleiss et al. 2018, Lanczos of rank
   ``r = love_rank`` started at the targets, run by gpytorch under ``fast_pred_var``); for
   ``N <= love_rank`` the exact Cholesky root is used;
-- SGPR: ``a = Σ K_uf (y - m) / σ²`` and ``R R^T = K_uu^{-1} - Σ`` with
+- SGPR: ``a = Σ K_uf (y - m) / σ²`` and ``R R^T = K_uu^{-1} - Σ`` (full rank ``M``) with
   ``Σ = (K_uu + K_uf K_fu / σ²)^{-1}`` (Titsias 2009, eq. 6).
 
 A query then costs one kernel matrix ``[X, Q, C]`` (``C`` training or inducing points) and one
@@ -143,7 +143,8 @@ class GaussianProcessModel:
         optimizer: ``"adam"`` or ``"lbfgs"``.
         lr: optimiser step size.
         val_fraction: held-out fraction of the data for a per-iteration validation NLL (0: none).
-        love_rank: rank of the LOVE variance root of the exact GP (exact root when N <= rank).
+        love_rank: rank ``r`` of the exact GP's LOVE variance root (exact root when N <= r); a
+            query's variance costs ``O(N r)`` per output (SGPR: ``O(M^2)``).
         propagation: ``"sample"`` (one Gaussian draw per particle and step) or ``"expectation"``.
         noise_floor: lower bound of the noise variance, normalised target units.
         seed: seeds the model's own generator, used when a method receives ``generator=None``.
@@ -432,6 +433,8 @@ class GaussianProcessModel:
             w2 = w1 @ torch.linalg.solve_triangular(lb.mT, eye.expand_as(lb), upper=True)
             alpha = (w2 @ c).squeeze(-1)  # [X, M]
             # R R^T = K_uu^{-1} - Σ = W1 W1^T - W2 W2^T, PSD; its eigen-root drops round-off < 0
+            # R R^T = K_uu^{-1} - Σ = W1 W1^T - W2 W2^T, PSD; its eigen-root drops round-off < 0.
+            # Full rank: truncating it removes most of the variance reduction (measured).
             evals, evecs = torch.linalg.eigh(w1 @ w1.mT - w2 @ w2.mT)
             root = evecs * evals.clamp_min(0.0).sqrt()[:, None, :]  # [X, M, M]
         cache = {

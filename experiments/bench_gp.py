@@ -12,7 +12,12 @@ Pendulum-v1 equations with uniformly random states and torques. For each trainin
   ``mean_step_ms`` the same for ``propagation="expectation"`` (no variance);
 - ``gflops``: achieved GFLOP/s of the sampled step (kernel distances, kernel-vector products and
   the LOVE / SGPR variance root), next to the machine's float32 matmul peak;
-- ``rmse``: one-step RMSE of the predictive mean on 2,000 held-out transitions.
+- ``rmse``, ``nll``, ``coverage95``: one-step RMSE, Gaussian NLL and 95%-interval coverage
+  (:mod:`mbrl.dynamics.diagnostics`) on 2,000 held-out transitions.
+
+With ``--compare N`` it also fits the GP and a probabilistic ensemble on the same ``N``
+transitions and prints their diagnostics table (one-step NLL, coverage, RMSE, 10-step
+mean-rollout RMSE along 5 real Pendulum-v1 episodes of random actions) as markdown.
 
 Wall times depend on what else runs on the cores (the 1-minute load average is printed); the
 ``*_cpu_*`` fields are this process's CPU time (``time.process_time``, summed over its threads),
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import matmul_peak_gflops  # noqa: E402
 
 from mbrl.dynamics import Transitions  # noqa: E402
+from mbrl.dynamics.diagnostics import compare_models, one_step_scores, to_markdown  # noqa: E402
 from mbrl.dynamics.gp import GaussianProcessModel  # noqa: E402
 
 QUERIES = 10_000
@@ -82,6 +88,32 @@ def time_step(
     return statistics.median(wall), statistics.median(cpu)
 
 
+def compare(n: int) -> None:
+    """GP vs probabilistic ensemble on the same pendulum data: the diagnostics table."""
+    import numpy as np
+
+    from mbrl import envs
+    from mbrl.control import RandomPolicy, run_episode
+    from mbrl.dynamics.ensemble import ProbabilisticEnsemble
+
+    spec = envs.make("pendulum")
+    env = spec.make()
+    policy = RandomPolicy(spec.action_low, spec.action_high, np.random.default_rng(0))
+    trajectories = []
+    for seed in range(5):
+        ep = run_episode(env, policy, seed=1000 + seed)
+        trajectories.append((torch.as_tensor(ep.obs), torch.as_tensor(ep.act)))
+    models = {
+        "gp": GaussianProcessModel(3, 1),
+        "ensemble": ProbabilisticEnsemble(3, 1, ensemble_size=5, hidden_size=200, seed=0),
+    }
+    rows = compare_models(
+        models, pendulum_data(2000, 1), trajectories, steps=10, train=pendulum_data(n, 0)
+    )
+    print(json.dumps({"benchmark": "gp_vs_ensemble", "n": n, "rows": rows}, indent=2))
+    print(to_markdown(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000, 10000])
@@ -90,9 +122,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compare", type=int, default=0, help="GP vs ensemble on N points")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    if args.compare:
+        compare(args.compare)
+        return
     test = pendulum_data(2000, seed=1)
     queries = pendulum_data(QUERIES, seed=2)
     results = []
@@ -113,9 +149,7 @@ def main() -> None:
             mean_model = GaussianProcessModel(3, 1, propagation="expectation", **common)
             mean_model.load_state_dict(model.state_dict())
             mean_step, mean_cpu = time_step(mean_model, queries.obs, queries.act, args.reps)
-            with torch.inference_mode():
-                pred = model.predict(test.obs, test.act)
-            rmse = float(((pred.mean - test.next_obs) ** 2).mean().sqrt())
+            scores = one_step_scores(model, test)
             results.append(
                 {
                     "n": n,
@@ -129,7 +163,9 @@ def main() -> None:
                     "mean_step_ms": round(mean_step * 1e3, 2),
                     "mean_step_cpu_ms": round(mean_cpu * 1e3, 2),
                     "gflops": round(step_flops(model) / step / 1e9, 2),
-                    "rmse": round(rmse, 5),
+                    "rmse": round(scores.rmse, 5),
+                    "nll": round(scores.nll, 3),
+                    "coverage95": round(scores.coverage95, 3),
                     "jitter": model.diagnostics.jitter,
                 }
             )

@@ -87,7 +87,7 @@ class Config:
     """MPC episodes after the random ones."""
     random_episodes: int = 1
     """Episodes with uniform random actions before the first trial."""
-    horizon: int = 25
+    horizon: int = 20
     """Planning horizon H."""
     particles: int = 1
     """Particles P per candidate (1 for propagation=expectation)."""
@@ -100,7 +100,9 @@ class Config:
     planner_kind: str = "sampling"
     """sampling (the planner section: cem, icem or random) or ilqr (on the GP mean)."""
     model: GPConfig = field(default_factory=GPConfig)
-    planner: PlannerConfig = field(default_factory=lambda: PlannerConfig(population=400))
+    planner: PlannerConfig = field(
+        default_factory=lambda: PlannerConfig(population=200, iterations=3)
+    )
     ilqr: ILQRConfig = field(default_factory=ILQRConfig)
 
 
