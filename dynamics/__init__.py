@@ -1,4 +1,9 @@
-"""Dynamics models of p(s', r | s, a) behind one rollout interface."""
+"""Dynamics models of p(s', r | s, a) behind one rollout interface.
+
+The Gaussian-process and MuJoCo models import gpytorch and mujoco on first use only.
+"""
+
+from importlib import import_module
 
 from mbrl.dynamics.base import (
     DifferentiableModel,
@@ -8,26 +13,32 @@ from mbrl.dynamics.base import (
     RolloutState,
     Transitions,
 )
+from mbrl.dynamics.ensemble import MemberPrediction, ProbabilisticEnsemble
 from mbrl.dynamics.known import KnownModel
+
+_LAZY = {
+    "GaussianProcessModel": "mbrl.dynamics.gp",
+    "GPDiagnostics": "mbrl.dynamics.gp",
+    "MujocoModel": "mbrl.dynamics.mujoco_model",
+}
 
 __all__ = [
     "DifferentiableModel",
     "DynamicsModel",
     "FitReport",
+    "GPDiagnostics",
+    "GaussianProcessModel",
     "KnownModel",
+    "MemberPrediction",
+    "MujocoModel",
     "Prediction",
+    "ProbabilisticEnsemble",
     "RolloutState",
     "Transitions",
 ]
 
-from mbrl.dynamics.mujoco_model import MujocoModel  # noqa: E402
 
-__all__ += ["MujocoModel"]
-
-from mbrl.dynamics.ensemble import MemberPrediction, ProbabilisticEnsemble  # noqa: E402
-
-__all__ += ["MemberPrediction", "ProbabilisticEnsemble"]
-
-from mbrl.dynamics.gp import GaussianProcessModel, GPDiagnostics  # noqa: E402
-
-__all__ += ["GPDiagnostics", "GaussianProcessModel"]
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mbrl.dynamics' has no attribute {name!r}")

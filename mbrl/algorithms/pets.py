@@ -136,7 +136,6 @@ def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     state = run.load_checkpoint()
     if state is not None:
         model.load_state_dict(state["model"])
-        model.load_optimizer_state_dict(state["optimizer"])
         buffer.load_state_dict(state["buffer"])
         gen.set_state(state["torch_rng"])
         set_numpy_rng_state(rng, state["numpy_rng"])
@@ -147,8 +146,7 @@ def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     def checkpoint() -> None:
         run.save_checkpoint(
             {
-                "model": model.state_dict(),
-                "optimizer": model.optimizer_state_dict(),
+                "model": model.state_dict(),  # weights, normalizer, elites, Adam and RNG state
                 "buffer": buffer.state_dict(),
                 "torch_rng": gen.get_state(),
                 "numpy_rng": numpy_rng_state(rng),
