@@ -572,7 +572,8 @@ def train(
         G times (from start_steps on):
             none:   update on a real batch
             branch: update on a mixed batch (real_ratio real)
-            mve:    update on a real batch and its H imagined steps with H-step targets
+            mve:    update the critic on a real batch and its H imagined steps with H-step
+                    targets, the actor on the real states
         each epoch_length steps: evaluate the deterministic policy, log, checkpoint
 
     A checkpoint holds the learner (networks, targets, optimizers), the model and its
@@ -706,7 +707,7 @@ def train(
                         vb = value_expansion_batch(
                             model, learner, real, h, spec.reward_fn, spec.termination_fn, gen
                         )
-                        s = learner.update(vb.transitions, vb.target_q)
+                        s = learner.update(vb.transitions, vb.target_q, actor_obs=real.obs)
                     else:
                         ratio = cfg.branch.real_ratio if use == "branch" else 1.0
                         batch = mixed_batch(

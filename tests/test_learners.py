@@ -303,3 +303,16 @@ def test_learns_point_mass(kind):
     ret = greedy_return(learner, starts)
     assert ret > -1.3, ret
     assert greedy_return(untrained, starts) < -5.0
+
+
+@pytest.mark.parametrize("kind", ["sac", "ddpg"])
+def test_actor_obs_moves_only_the_policy_update(kind):
+    b, other = batch(seed=0), batch(seed=7).obs
+    a1, a2, a3 = make(kind, seed=2), make(kind, seed=2), make(kind, seed=2)
+    s1, s2 = a1.update(b), a2.update(b, actor_obs=b.obs)
+    a3.update(b, actor_obs=other)
+    assert same_stats([s1], [s2])
+    params = lambda m: torch.cat([p.flatten() for p in m.parameters()])  # noqa: E731
+    assert torch.equal(params(a1.actor), params(a2.actor))
+    assert torch.equal(params(a1.critic), params(a3.critic))  # the critic step comes first
+    assert not torch.equal(params(a1.actor), params(a3.actor))

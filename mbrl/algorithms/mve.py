@@ -7,7 +7,7 @@
         G times: sample a real batch (s_0, a_0, r_0, s_1); imagine H steps from s_1 under the
             current deterministic policy; train the critic on all H + 1 states of each
             trajectory towards y_t = sum_{k=t}^{H} gamma^(k-t) r_k + gamma^(H+1-t) V'(s_{H+1})
-            (the TD-k trick), and the actor as usual
+            (the TD-k trick), and the actor on the real states s_0 only
     each epoch: evaluate the deterministic policy, log, checkpoint
 
 SAC is not offered: its soft targets would also need the imagined entropy terms.

@@ -37,8 +37,14 @@ class Learner(Protocol):
         """Bootstrap value ``V'(s') [B]`` of ``next_obs [B, X]`` from the target networks."""
         ...
 
-    def update(self, batch: Transitions, target_q: torch.Tensor | None = None) -> dict[str, float]:
-        """One gradient step on ``batch``; ``target_q [B]`` replaces the one-step targets."""
+    def update(
+        self,
+        batch: Transitions,
+        target_q: torch.Tensor | None = None,
+        actor_obs: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """One gradient step on ``batch``; ``target_q [B]`` replaces the one-step targets and
+        ``actor_obs [B', X]`` the states the policy is improved on (MVE: real states only)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:

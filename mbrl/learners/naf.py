@@ -126,8 +126,16 @@ class NAF:
         """``V'(s') = max_a Q'(s', a)`` ``[B]`` of the target network."""
         return self.net_target(next_obs)[0][:, 0]
 
-    def update(self, batch: Transitions, target_q: torch.Tensor | None = None) -> dict[str, float]:
+    def update(
+        self,
+        batch: Transitions,
+        target_q: torch.Tensor | None = None,
+        actor_obs: torch.Tensor | None = None,
+    ) -> dict[str, float]:
         """One step on ``(Q(s, a) - y)^2`` and a Polyak update of the target network.
+
+        ``target_q [B]`` replaces the one-step targets when given; ``actor_obs`` is accepted
+        for the common signature and unused (NAF's policy ``mu`` is part of its Q-function).
 
         Returns ``q_loss``, ``q_mean``, ``q_abs_max``, ``v_mean``.
         """

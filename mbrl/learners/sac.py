@@ -152,8 +152,16 @@ class SAC:
         q = self.critic_target(torch.cat([next_obs, a], dim=-1)).squeeze(-1)  # [2, B]
         return q.min(0).values - self.alpha * logp
 
-    def update(self, batch: Transitions, target_q: torch.Tensor | None = None) -> dict[str, float]:
+    def update(
+        self,
+        batch: Transitions,
+        target_q: torch.Tensor | None = None,
+        actor_obs: torch.Tensor | None = None,
+    ) -> dict[str, float]:
         """One step on critics, actor and temperature, then Polyak-average the target critics.
+
+        The critics regress on ``target_q [B]`` when given (else the soft one-step targets);
+        actor and temperature train on ``actor_obs [B', X]`` when given (else ``batch.obs``).
 
         Returns ``q_loss``, ``actor_loss``, ``alpha``, ``alpha_loss``, ``entropy`` (minus the
         mean log-probability), ``q_mean`` and ``q_abs_max`` of the batch's Q-values.
@@ -165,9 +173,10 @@ class SAC:
         q_loss.backward()
         self.critic_opt.step()
 
-        a, logp = self.sample(batch.obs)
+        obs = batch.obs if actor_obs is None else actor_obs  # [B', X]
+        a, logp = self.sample(obs)
         self.critic.requires_grad_(False)
-        q_pi = self.q(batch.obs, a).min(0).values  # [B]
+        q_pi = self.q(obs, a).min(0).values  # [B']
         self.critic.requires_grad_(True)
         actor_loss = (self.alpha * logp - q_pi).mean()
         self.actor_opt.zero_grad(set_to_none=True)

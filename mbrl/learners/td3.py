@@ -152,9 +152,17 @@ class TD3:
         q = self.critic_target(torch.cat([next_obs, a], dim=-1)).squeeze(-1)  # [E, B]
         return q.min(0).values
 
-    def update(self, batch: Transitions, target_q: torch.Tensor | None = None) -> dict[str, float]:
+    def update(
+        self,
+        batch: Transitions,
+        target_q: torch.Tensor | None = None,
+        actor_obs: torch.Tensor | None = None,
+    ) -> dict[str, float]:
         """One critic step; every ``policy_delay``-th call also an actor step and a Polyak
         update of both target networks.
+
+        The critics regress on ``target_q [B]`` when given (else the one-step targets); the
+        actor trains on ``actor_obs [B', X]`` when given (else ``batch.obs``).
 
         Returns ``q_loss``, ``actor_loss`` (of the latest actor step), ``q_mean``, ``q_abs_max``.
         """
@@ -168,7 +176,8 @@ class TD3:
 
         if self.updates % self.policy_delay == 0:
             self.critic.requires_grad_(False)
-            actor_loss = -self.q(batch.obs, self.policy(batch.obs))[0].mean()
+            obs = batch.obs if actor_obs is None else actor_obs  # [B', X]
+            actor_loss = -self.q(obs, self.policy(obs))[0].mean()
             self.critic.requires_grad_(True)
             self.actor_opt.zero_grad(set_to_none=True)
             actor_loss.backward()
