@@ -9,8 +9,10 @@ is made positive by ``exp``; with ``P(s) = L(s) L(s)^T`` (positive definite)
 
 so ``argmax_a Q(s, a) = mu(s)`` and ``max_a Q(s, a) = V(s)`` in closed form. The target is
 ``y = r + gamma (1 - d) V'(s')`` from a Polyak-averaged target network (Algorithm 1).
-Actions are in ``[-1, 1]`` (``mu = tanh(.)``), mapped affinely to the env's bounds; exploration
-adds ``N(0, exploration_noise^2)`` in that unit box and clips.
+Actions are in ``[-1, 1]``, mapped affinely to the env's bounds. ``mu`` is a linear output,
+not squashed: a ``tanh`` on it saturates at the bound, where its gradient vanishes and the
+policy stays stuck; actions are clipped to the box instead (exploration adds
+``N(0, exploration_noise^2)`` in that unit box before clipping).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class NAF:
     def _heads_of(self, out: torch.Tensor) -> NAFHeads:
         u = self.act_dim
         value = out[:, 0]  # [B]
-        mu = torch.tanh(out[:, 1 : 1 + u])  # [B, U]
+        mu = out[:, 1 : 1 + u]  # [B, U] unbounded; act() clips to [-1, 1]
         entries = out[:, 1 + u :]  # [B, U(U+1)/2]
         entries = torch.where(self._diag, entries.clamp(max=10.0).exp(), entries)
         L = out.new_zeros(out.shape[0], u, u)  # [B, U, U]
@@ -111,14 +113,15 @@ class NAF:
         deterministic: bool = False,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Env-unit actions ``mu(s)``, plus clipped Gaussian noise unless ``deterministic``."""
+        """Env-unit actions ``mu(s)`` (plus Gaussian noise unless ``deterministic``), clipped
+        to the bounds."""
         x, single = as_batch(obs, self.obs_dim, self.device)
         a = self.heads(x).mu  # [B, U]
         if not deterministic:
             g = self.generator if generator is None else generator
             noise = torch.randn(a.shape, device=a.device, generator=g)
-            a = (a + self.exploration_noise * noise).clamp(-1.0, 1.0)
-        a = self.scale.to_env(a)
+            a = a + self.exploration_noise * noise
+        a = self.scale.to_env(a.clamp(-1.0, 1.0))
         return a[0] if single else a
 
     @torch.no_grad()
