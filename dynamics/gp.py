@@ -240,12 +240,13 @@ class GaussianProcessModel:
         z = torch.cat([obs, act], dim=-1)  # [N, D]
         dy = nxt - obs  # [N, X]
         ztr, dytr = z[train_idx], dy[train_idx]
-        self._x_mean, self._x_std = ztr.mean(0), _safe_std(ztr)  # [D]
-        self._y_mean, self._y_std = dytr.mean(0), _safe_std(dytr)  # [X]
-        xs = (ztr - self._x_mean) / self._x_std  # [N, D]
-        ys = ((dytr - self._y_mean) / self._y_std).T.contiguous()  # [X, N]
-        xv = (z[val_idx] - self._x_mean) / self._x_std  # [V, D]
-        yv = ((dy[val_idx] - self._y_mean) / self._y_std).T  # [X, V]
+        # normalisation is committed to self only once the fit succeeded
+        x_mean, x_std = ztr.mean(0), _safe_std(ztr)  # [D]
+        y_mean, y_std = dytr.mean(0), _safe_std(dytr)  # [X]
+        xs = (ztr - x_mean) / x_std  # [N, D]
+        ys = ((dytr - y_mean) / y_std).T.contiguous()  # [X, N]
+        xv = (z[val_idx] - x_mean) / x_std  # [V, D]
+        yv = ((dy[val_idx] - y_mean) / y_std).T  # [X, V]
 
         sparse = xs.shape[0] > self.max_exact_points
         outputs = self.obs_dim
@@ -268,6 +269,7 @@ class GaussianProcessModel:
             gp.load_state_dict(best[1])
         cache, cache_jitter = self._build_cache(gp, likelihood, xs, ys, sparse)
         self._cache = cache
+        self._x_mean, self._x_std, self._y_mean, self._y_std = x_mean, x_std, y_mean, y_std
         best_epoch = best[0] if best is not None else len(train_loss) - 1
         self.diagnostics = GPDiagnostics(
             sparse=sparse,
@@ -559,9 +561,17 @@ def _sqdist(x: torch.Tensor, z: torch.Tensor, lengthscale: torch.Tensor) -> torc
 
 
 def _rbf(x: torch.Tensor, z: torch.Tensor, ls: torch.Tensor, os: torch.Tensor) -> torch.Tensor:
-    """ARD squared-exponential ``s² exp(-d²/2)``, ``[X, Q, C]``."""
-    log_os = os.log()[:, None, None]  # [X, 1, 1]
-    return _sqdist(x, z, ls).mul_(-0.5).add_(log_os).exp_()
+    """ARD squared-exponential ``s² exp(-d²/2)``, ``[X, Q, C]``, for ``x [X or 1, Q, D]``,
+    ``z [X, C, D]``. The exponent ``x·z - |x|²/2 - |z|²/2 + log s²`` comes out of one batched
+    matrix product of augmented coordinates ``[x, 1, -|x|²/2]`` and ``[z, log s² - |z|²/2, 1]``
+    (one pass over the ``[X, Q, C]`` block before the in-place ``exp``)."""
+    inv = 1.0 / ls[:, None, :]  # [X, 1, D]
+    xs = (x * inv).expand(z.shape[0], -1, -1)  # [X, Q, D]
+    zs = z * inv  # [X, C, D]
+    xa = torch.cat([xs, torch.ones_like(xs[..., :1]), -0.5 * (xs * xs).sum(-1, keepdim=True)], -1)
+    zlast = -0.5 * (zs * zs).sum(-1, keepdim=True) + os.log()[:, None, None]  # [X, C, 1]
+    za = torch.cat([zs, zlast, torch.ones_like(zs[..., :1])], -1)  # [X, C, D + 2]
+    return torch.bmm(xa, za.mT).exp_()
 
 
 def _matern52(x: torch.Tensor, z: torch.Tensor, ls: torch.Tensor, os: torch.Tensor) -> torch.Tensor:
