@@ -72,10 +72,7 @@ class MemberPrediction:
 class _PlanningWeights:
     """Elite weights cast to the planning dtype, built once per change of the model."""
 
-    weights: tuple[torch.Tensor, ...]  # per layer [E, in, out], planning dtype
-    biases: tuple[torch.Tensor, ...]  # per layer [E, 1, out], planning dtype
-    in_mu: torch.Tensor  # [X + U] float32
-    in_inv_std: torch.Tensor  # [X + U] float32
+    layers: tuple[torch.Tensor, ...]  # per layer [E, out, in + 1]: W^T, bias last; planning dtype
     out_mu: torch.Tensor  # [D] float32
     out_std: torch.Tensor  # [D] float32
     max_logvar: torch.Tensor  # [E, 1, D] float32
@@ -232,6 +229,7 @@ class ProbabilisticEnsemble(nn.Module):
         self.optimizer = torch.optim.Adam(groups, lr=lr)
 
         self._plan_cache: _PlanningWeights | None = None
+        self._workspaces: dict = {}  # (rows, device, dtype) -> rollout buffers, see _workspace
         self._plan_key: tuple = ()
         self.planning_dtype = planning_dtype
         self.propagation = propagation
@@ -551,11 +549,19 @@ class ProbabilisticEnsemble(nn.Module):
         if self._plan_cache is not None and key == self._plan_key:
             return self._plan_cache
         dtype, el = self._planning_dtype, self.elites
+        weights = [w[el].float() for w in self.weights]  # [E, in, out]
+        biases = [b[el].float() for b in self.biases]  # [E, 1, out]
+        # fold the input normalization into the first layer: W^T ((x - mu) / std) + b
+        inv_std = self.in_std.reciprocal()  # [X + U]
+        biases[0] = biases[0] - ((self.in_mu * inv_std)[None, None, :] @ weights[0])
+        weights[0] = weights[0] * inv_std[None, :, None]
+        layers = tuple(
+            torch.cat((w.transpose(1, 2), b.transpose(1, 2)), dim=2).to(dtype).contiguous()
+            for w, b in zip(weights, biases, strict=True)
+        )
+        self._workspaces = {}
         self._plan_cache = _PlanningWeights(
-            weights=tuple(w[el].to(dtype).contiguous() for w in self.weights),
-            biases=tuple(b[el].to(dtype).contiguous() for b in self.biases),
-            in_mu=self.in_mu.clone(),
-            in_inv_std=self.in_std.reciprocal(),
+            layers=layers,
             out_mu=self.out_mu.clone(),
             out_std=self.out_std.clone(),
             max_logvar=self.max_logvar[el].detach().clone(),
@@ -568,15 +574,41 @@ class ProbabilisticEnsemble(nn.Module):
         """Elites on member-major rows ``obs [E, M, X]``, ``act [E, M, U]``.
 
         Returns the normalized mean and bounded log-variance, float32 ``[E, M, D]``.
+
+        Activations are kept feature-major (``[E, features + 1, M]``) in reused workspaces
+        whose last feature row is all ones, so that each layer is one ``bmm`` with the bias
+        folded into the weights and written straight into the next layer's input: no bias
+        broadcast copies and no allocation per step. The input normalization is folded into
+        the first layer.
         """
         pw = self._plan_cache
-        x = torch.cat((obs, act), dim=-1).sub_(pw.in_mu).mul_(pw.in_inv_std)  # [E, M, X + U]
-        h = x.to(pw.weights[0].dtype)
-        for w, b in zip(pw.weights[:-1], pw.biases[:-1], strict=True):
-            h = self._act_inplace(torch.baddbmm(b, h, w))  # [E, M, hidden]
-        out = torch.baddbmm(pw.biases[-1], h, pw.weights[-1]).float()  # [E, M, 2 D]
+        inp, hidden = self._workspace(obs.shape[1], obs.device, pw.layers[0].dtype)
+        inp[:, : self.obs_dim].copy_(obs.transpose(1, 2))
+        inp[:, self.obs_dim : -1].copy_(act.transpose(1, 2))
+        a = inp  # [E, in + 1, M]
+        for i, w in enumerate(pw.layers[:-1]):
+            out = hidden[i % 2][:, :-1]  # [E, hidden, M], a view into the workspace
+            self._act_inplace(torch.bmm(w, a, out=out))
+            a = hidden[i % 2]
+        out = torch.bmm(pw.layers[-1], a).float().transpose(1, 2)  # [E, M, 2 D]
         mean, logvar = out.split(self.out_dim, dim=-1)
         return mean, _bound_logvar(logvar, pw.max_logvar, pw.min_logvar)
+
+    def _workspace(
+        self, rows: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Input ``[E, X + U + 1, M]`` and two hidden ``[E, hidden + 1, M]`` buffers whose last
+        row is ones, made once per row count ``M`` (and planning weights)."""
+        key = (rows, device, dtype)
+        if key not in self._workspaces:
+            if len(self._workspaces) >= 8:  # iCEM's shrinking populations: a few sizes at most
+                self._workspaces.clear()
+            e, kw = self.num_elites, {"device": device, "dtype": dtype}
+            self._workspaces[key] = (
+                torch.ones(e, self.obs_dim + self.act_dim + 1, rows, **kw),
+                tuple(torch.ones(e, self.hidden_size + 1, rows, **kw) for _ in range(2)),
+            )
+        return self._workspaces[key]
 
     def _sample(
         self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None
