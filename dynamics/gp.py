@@ -159,7 +159,7 @@ class GaussianProcessModel:
         act_dim: int,
         kernel: str = "rbf",
         max_exact_points: int = 2000,
-        inducing_points: int = 256,
+        inducing_points: int = 128,
         iterations: int = 100,
         optimizer: str = "adam",
         lr: float = 0.1,

@@ -118,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000, 10000])
     parser.add_argument("--exact-limit", type=int, default=2000)
-    parser.add_argument("--inducing", type=int, default=256)
+    parser.add_argument("--inducing", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)

@@ -51,7 +51,7 @@ class GPConfig:
     """rbf (ARD squared exponential) or matern (ARD Matern 5/2)."""
     max_exact_points: int = 2000
     """Largest number of transitions fitted by the exact GP; SGPR above."""
-    inducing_points: int = 256
+    inducing_points: int = 128
     """Inducing points of the sparse GP (k-means initialised)."""
     iterations: int = 100
     """Marginal-likelihood optimiser iterations per fit."""
