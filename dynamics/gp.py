@@ -571,7 +571,9 @@ def _rbf(x: torch.Tensor, z: torch.Tensor, ls: torch.Tensor, os: torch.Tensor) -
     xa = torch.cat([xs, torch.ones_like(xs[..., :1]), -0.5 * (xs * xs).sum(-1, keepdim=True)], -1)
     zlast = -0.5 * (zs * zs).sum(-1, keepdim=True) + os.log()[:, None, None]  # [X, C, 1]
     za = torch.cat([zs, zlast, torch.ones_like(zs[..., :1])], -1)  # [X, C, D + 2]
-    return torch.bmm(xa, za.mT).exp_()
+    # exponents below -80 are clamped: exp would give float32 denormals (slow on CPU) for
+    # values that are zero to working precision anyway (exp(-80) = 1.8e-35)
+    return torch.bmm(xa, za.mT).clamp_min_(-80.0).exp_()
 
 
 def _matern52(x: torch.Tensor, z: torch.Tensor, ls: torch.Tensor, os: torch.Tensor) -> torch.Tensor:
