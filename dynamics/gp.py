@@ -580,11 +580,8 @@ def _matern52(x: torch.Tensor, z: torch.Tensor, ls: torch.Tensor, os: torch.Tens
     """ARD Matérn 5/2 ``s² (1 + √5 d + 5 d²/3) exp(-√5 d)``, ``[X, Q, C]``."""
     d2 = _sqdist(x, z, ls).clamp_min_(0.0)
     d = (d2 + 1e-12).sqrt()
-    return (
-        os[:, None, None]
-        * (1.0 + math.sqrt(5.0) * d + (5.0 / 3.0) * d2)
-        * torch.exp(-math.sqrt(5.0) * d)
-    )
+    decay = torch.exp((-math.sqrt(5.0) * d).clamp_min(-80.0))  # no float32 denormals
+    return os[:, None, None] * (1.0 + math.sqrt(5.0) * d + (5.0 / 3.0) * d2) * decay
 
 
 def _predict_normalized(
