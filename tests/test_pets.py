@@ -93,13 +93,13 @@ def test_nonfinite_model_predictions_are_counted_and_never_reach_the_env(tmp_pat
         return type(nxt)(obs=nxt.obs.masked_fill(bad, float("nan")), reward=nxt.reward)
 
     monkeypatch.setattr(ProbabilisticEnsemble, "rollout_step", sometimes_nan)
-    import mbrl.algorithms.pets as pets
+    import mbrl.algorithms.mpc_loop as loop
 
-    real_run_episode = pets.run_episode
+    real_run_episode = loop.run_episode
 
-    def spy(env, policy, **kwargs):
+    def spy(env, policy, *args, **kwargs):
         if not isinstance(policy, MPCController):
-            return real_run_episode(env, policy, **kwargs)
+            return real_run_episode(env, policy, *args, **kwargs)
         act = policy.act
 
         def checked(obs):
@@ -108,9 +108,9 @@ def test_nonfinite_model_predictions_are_counted_and_never_reach_the_env(tmp_pat
             return action
 
         policy.act = checked
-        return real_run_episode(env, policy, **kwargs)
+        return real_run_episode(env, policy, *args, **kwargs)
 
-    monkeypatch.setattr(pets, "run_episode", spy)
+    monkeypatch.setattr(loop, "run_episode", spy)
     args = ["run", "pets", "--env", "cartpole-balance", "--runs-dir", str(tmp_path), *TINY,
             "trials=1", "seed_steps=50", "--name", "nan"]  # fmt: skip
     assert cli.main(args) == 0

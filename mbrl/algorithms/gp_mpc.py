@@ -8,7 +8,8 @@ in place of their moment-matching gradient MPC).
         run one episode with MPC: CEM (or iLQR) over GP rollouts
         store the episode's transitions
 
-By default the planner scores the GP's mean trajectory (``propagation=expectation``, one
+The loop, its metrics and checkpoints are :func:`mbrl.algorithms.mpc_loop.train_mpc`, shared
+with PETS. By default the planner scores the GP's mean trajectory (``propagation=expectation``, one
 particle), which needs no predictive variance in the planning loop; ``propagation=sample`` with
 ``particles > 1`` draws next states from the GP's one-step predictive distribution instead.
 After each trial the run logs one row of ``metrics.csv`` and writes a checkpoint (buffer, GP,
@@ -19,28 +20,17 @@ have.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from mbrl import envs
-from mbrl.algorithms.common import (
-    PlannerConfig,
-    Summary,
-    make_planner,
-    progress_bar,
-    resolve_device,
-)
-from mbrl.buffer import ReplayBuffer
-from mbrl.control import MPCController, RandomPolicy, run_episode
+from mbrl.algorithms.common import PlannerConfig, Summary, make_planner, resolve_device
+from mbrl.algorithms.mpc_loop import train_mpc
+from mbrl.dynamics.base import FitReport
 from mbrl.dynamics.gp import GaussianProcessModel
-from mbrl.planners import PlanningProblem
 from mbrl.planners.base import Planner
-from mbrl.plots import learning_curve
-from mbrl.runs import Run, numpy_rng_state, set_numpy_rng_state
+from mbrl.runs import Run
 
 
 @dataclass
@@ -140,121 +130,27 @@ def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     """Run (or resume) GP-MPC as configured, logging to ``run``; returns the summary."""
     dev = resolve_device(device)
     spec = envs.make(cfg.env)
-    env = spec.make()
     model = build_model(cfg, spec, dev)
-    planner = build_planner(cfg)
-    buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, cfg.buffer_capacity, device=dev)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    low, high = spec.action_bounds(dev)
-    problem = PlanningProblem(
-        model, spec.reward_fn, spec.termination_fn, cfg.horizon, low, high, cfg.particles, gen
+
+    def gp_metrics(report: FitReport) -> dict[str, float]:
+        return {"sparse": int(model.diagnostics.sparse), "jitter": model.diagnostics.jitter}
+
+    return train_mpc(
+        run,
+        spec,
+        model,
+        build_planner(cfg),
+        label="GP-MPC",
+        seed=cfg.seed,
+        trials=cfg.trials,
+        horizon=cfg.horizon,
+        particles=cfg.particles,
+        replan_every=cfg.replan_every,
+        buffer_capacity=cfg.buffer_capacity,
+        stop_when_solved=cfg.stop_when_solved,
+        random_episodes=cfg.random_episodes,
+        fit=lambda data, generator: model.fit(data, generator=generator),
+        fit_metrics=gp_metrics,
+        extra_columns=("sparse", "jitter"),
+        device=dev,
     )
-    controller = MPCController(planner, problem, cfg.replan_every, dev)
-
-    trial, episodes, wall, returns, streak = 0, 0, 0.0, [], 0
-    state = run.load_checkpoint()
-    if state is not None:
-        if state["model"]:
-            model.load_state_dict(state["model"])
-        buffer.load_state_dict(state["buffer"])
-        gen.set_state(state["torch_rng"])
-        set_numpy_rng_state(rng, state["numpy_rng"])
-        trial, episodes, wall = state["trial"], state["episodes"], state["wall_seconds"]
-        returns, streak = list(state["returns"]), state["streak"]
-        tqdm.write(f"resumed {run.path} after trial {trial} ({len(buffer)} transitions)")
-
-    def checkpoint() -> None:
-        run.save_checkpoint(
-            {
-                "model": model.state_dict() if model.diagnostics is not None else {},
-                "buffer": buffer.state_dict(),
-                "torch_rng": gen.get_state(),
-                "numpy_rng": numpy_rng_state(rng),
-                "trial": trial,
-                "episodes": episodes,
-                "wall_seconds": wall,
-                "returns": returns,
-                "streak": streak,
-            }
-        )
-
-    if trial == 0 and episodes < cfg.random_episodes:
-        random_policy = RandomPolicy(spec.action_low, spec.action_high, rng)
-        while episodes < cfg.random_episodes:
-            start = time.perf_counter()
-            ep = run_episode(env, random_policy, seed=_episode_seed(cfg.seed, episodes))
-            buffer.add_episode(ep)
-            episodes += 1
-            wall += time.perf_counter() - start
-            run.log(
-                trial=0,
-                env_steps=len(buffer),
-                **{"return": ep.ret},
-                length=len(ep),
-                train_loss="",
-                val_loss="",
-                fit_seconds=0.0,
-                sparse=0,
-                jitter=0.0,
-                plan_seconds_per_step=0.0,
-                nonfinite=0,
-                wall_seconds=wall,
-            )
-            tqdm.write(f"random episode {episodes}: return {ep.ret:.1f} ({len(ep)} steps)")
-        checkpoint()
-
-    while trial < cfg.trials and not (cfg.stop_when_solved and streak >= cfg.stop_when_solved):
-        start = time.perf_counter()
-        report = model.fit(buffer.all(), generator=gen)
-        diag = model.diagnostics
-        controller.reset_stats()
-        with progress_bar(spec.max_episode_steps, f"trial {trial + 1}/{cfg.trials}") as bar:
-            ep = run_episode(
-                env,
-                controller,
-                seed=_episode_seed(cfg.seed, episodes),
-                on_step=lambda t, r: bar.update(1),
-            )
-        buffer.add_episode(ep)
-        trial += 1
-        episodes += 1
-        wall += time.perf_counter() - start
-        returns.append(ep.ret)
-        solved = spec.solved_return is not None and ep.ret >= spec.solved_return
-        streak = streak + 1 if solved else 0
-        stats = controller.stats
-        run.log(
-            trial=trial,
-            env_steps=len(buffer),
-            **{"return": ep.ret},
-            length=len(ep),
-            train_loss=report.final_train_loss,
-            val_loss=report.best_val_loss,
-            fit_seconds=report.seconds,
-            sparse=int(diag.sparse),
-            jitter=diag.jitter,
-            plan_seconds_per_step=stats.plan_seconds / max(stats.plans, 1),
-            nonfinite=stats.nonfinite,
-            wall_seconds=wall,
-        )
-        tqdm.write(
-            f"trial {trial}: return {ep.ret:.1f} ({len(ep)} steps), GP "
-            f"{'SGPR' if diag.sparse else 'exact'} on {diag.num_points} points, NLL "
-            f"{report.final_train_loss:.3f}, fit {report.seconds:.1f} s, "
-            f"{stats.plan_seconds / max(stats.plans, 1):.3f} s/plan"
-            + (f", {stats.nonfinite} non-finite candidates" if stats.nonfinite else "")
-        )
-        checkpoint()
-
-    learning_curve(
-        [(f"GP-MPC seed {cfg.seed}", run.metrics_path)],
-        run.path / "learning_curve.png",
-        title=f"GP-MPC on {cfg.env}",
-        target=spec.solved_return,
-    )
-    return Summary.from_returns(returns, spec.solved_return, wall)
-
-
-def _episode_seed(seed: int, episode: int) -> int:
-    return seed * 100_003 + episode

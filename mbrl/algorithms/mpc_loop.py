@@ -1,0 +1,181 @@
+"""The learning loop shared by the model-based MPC algorithms (PETS, GP-MPC).
+
+    collect random episodes until ``random_steps`` transitions and ``random_episodes``
+    episodes are stored
+    for trial = 1 .. trials:
+        fit the model on every stored transition
+        run one episode with the MPC controller (planner over the model's rollouts)
+        store the episode's transitions
+
+After each trial the run logs one row of ``metrics.csv`` and writes a checkpoint holding
+everything needed to continue exactly: buffer, model (with its optimizer and RNG state), the
+RNG streams, the counters. A killed run resumes from its last checkpoint with nothing lost;
+episode ``i`` of a run resets its env with a seed derived from the run seed and ``i``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mbrl.algorithms.common import Summary, progress_bar, resolve_device
+from mbrl.buffer import ReplayBuffer
+from mbrl.control import MPCController, RandomPolicy, run_episode
+from mbrl.dynamics.base import FitReport, Transitions
+from mbrl.envs import EnvSpec
+from mbrl.planners import PlanningProblem
+from mbrl.planners.base import Planner
+from mbrl.plots import learning_curve
+from mbrl.runs import Run, numpy_rng_state, set_numpy_rng_state
+
+FitFn = Callable[[Transitions, torch.Generator], FitReport]
+"""``fit(data, generator) -> FitReport``: one (re)fit of the model on all real data."""
+
+FitMetrics = Callable[[FitReport], Mapping[str, float]]
+"""Extra metric columns of a model after a fit (say, the GP's jitter)."""
+
+
+def train_mpc(
+    run: Run,
+    spec: EnvSpec,
+    model: torch.nn.Module,
+    planner: Planner,
+    *,
+    label: str,
+    seed: int,
+    trials: int,
+    horizon: int,
+    particles: int,
+    replan_every: int,
+    buffer_capacity: int,
+    stop_when_solved: int,
+    random_steps: int = 0,
+    random_episodes: int = 0,
+    fit: FitFn | None = None,
+    fit_metrics: FitMetrics | None = None,
+    extra_columns: Sequence[str] = (),
+    device: torch.device | str = "cpu",
+) -> Summary:
+    """Run (or resume from ``run``'s checkpoint) the loop above; returns the summary.
+
+    Args:
+        model: any dynamics model that is an ``nn.Module`` (its ``state_dict`` is checkpointed).
+        planner: any planner; it plans on ``model`` through one :class:`PlanningProblem`.
+        label: the algorithm's name in logs and plots.
+        fit: how to fit the model (default ``model.fit(data)``).
+        fit_metrics, extra_columns: extra per-trial metrics and their column names.
+        stop_when_solved: stop after this many consecutive solved trials (0: never).
+    """
+    dev = resolve_device(device)
+    env = spec.make()
+    fit = fit if fit is not None else (lambda data, gen: model.fit(data))
+    buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, buffer_capacity, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    low, high = spec.action_bounds(dev)
+    problem = PlanningProblem(
+        model, spec.reward_fn, spec.termination_fn, horizon, low, high, particles, gen
+    )
+    controller = MPCController(planner, problem, replan_every, dev)
+
+    trial, episodes, wall, returns, streak = 0, 0, 0.0, [], 0
+    state = run.load_checkpoint()
+    if state is not None:
+        if state["model"]:
+            model.load_state_dict(state["model"])
+        buffer.load_state_dict(state["buffer"])
+        gen.set_state(state["torch_rng"])
+        set_numpy_rng_state(rng, state["numpy_rng"])
+        trial, episodes, wall = state["trial"], state["episodes"], state["wall_seconds"]
+        returns, streak = list(state["returns"]), state["streak"]
+        tqdm.write(f"resumed {run.path} after trial {trial} ({len(buffer)} transitions)")
+
+    def checkpoint() -> None:
+        run.save_checkpoint(
+            {
+                "model": model.state_dict() if trial > 0 else {},  # fitted models only
+                "buffer": buffer.state_dict(),
+                "torch_rng": gen.get_state(),
+                "numpy_rng": numpy_rng_state(rng),
+                "trial": trial,
+                "episodes": episodes,
+                "wall_seconds": wall,
+                "returns": returns,
+                "streak": streak,
+            }
+        )
+
+    def log(ep, report: FitReport | None, plan_seconds: float, nonfinite: int) -> None:
+        extra = dict(fit_metrics(report)) if report is not None and fit_metrics else {}
+        run.log(
+            trial=trial,
+            env_steps=len(buffer),
+            **{"return": ep.ret},
+            length=len(ep),
+            train_loss=report.final_train_loss if report else "",
+            val_loss=report.best_val_loss if report else "",
+            fit_seconds=report.seconds if report else 0.0,
+            plan_seconds_per_step=plan_seconds,
+            nonfinite=nonfinite,
+            wall_seconds=wall,
+            **{c: extra.get(c, "") for c in extra_columns},
+        )
+
+    if trial == 0 and (len(buffer) < random_steps or episodes < random_episodes):
+        random_policy = RandomPolicy(spec.action_low, spec.action_high, rng)
+        while len(buffer) < random_steps or episodes < random_episodes:
+            start = time.perf_counter()
+            ep = run_episode(env, random_policy, seed=episode_seed(seed, episodes))
+            buffer.add_episode(ep)
+            episodes += 1
+            wall += time.perf_counter() - start
+            log(ep, None, 0.0, 0)
+        tqdm.write(f"random actions: {episodes} episodes, {len(buffer)} transitions")
+        checkpoint()
+
+    while trial < trials and not (stop_when_solved and streak >= stop_when_solved):
+        start = time.perf_counter()
+        report = fit(buffer.all(), gen)
+        controller.reset_stats()
+        with progress_bar(spec.max_episode_steps, f"trial {trial + 1}/{trials}") as bar:
+            ep = run_episode(
+                env,
+                controller,
+                seed=episode_seed(seed, episodes),
+                on_step=lambda t, r: bar.update(1),
+            )
+        buffer.add_episode(ep)
+        trial += 1
+        episodes += 1
+        wall += time.perf_counter() - start
+        returns.append(ep.ret)
+        solved = spec.solved_return is not None and ep.ret >= spec.solved_return
+        streak = streak + 1 if solved else 0
+        stats = controller.stats
+        plan_seconds = stats.plan_seconds / max(stats.plans, 1)
+        log(ep, report, plan_seconds, stats.nonfinite)
+        tqdm.write(
+            f"trial {trial}: return {ep.ret:.1f} ({len(ep)} steps), model loss train "
+            f"{report.final_train_loss:.4f} / held-out {report.best_val_loss:.4f}, fit "
+            f"{report.seconds:.1f} s, {plan_seconds:.3f} s/plan"
+            + (f", {stats.nonfinite} non-finite candidates" if stats.nonfinite else "")
+            + (f", {stats.not_ok} plans not ok" if stats.not_ok else "")
+        )
+        checkpoint()
+
+    learning_curve(
+        [(f"{label} seed {seed}", run.metrics_path)],
+        run.path / "learning_curve.png",
+        title=f"{label} on {spec.name}",
+        target=spec.solved_return,
+    )
+    return Summary.from_returns(returns, spec.solved_return, wall)
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """The env reset seed of episode ``episode`` of a run seeded ``seed``."""
+    return seed * 100_003 + episode
