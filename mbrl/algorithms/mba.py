@@ -25,38 +25,18 @@ from mbrl.runs import Run
 
 
 @dataclass
-class NAFLearner(LearnerConfig):
-    """NAF as the learner (its own defaults)."""
-
-    name: str = "naf"
-    """The learner (see Config.learner)."""
-    lr: float = 1e-3
-    """Adam learning rate."""
-
-
-@dataclass
-class MBABranch(BranchConfig):
-    """Imagination rollouts of MBA."""
-
-    rollout_batch_size: int = 5_000
-    """Imagination rollouts started after each model fit."""
-    min_length: int = 5
-    """Rollout length k (fixed: min_length = max_length)."""
-    max_length: int = 5
-    """Rollout length k."""
-    real_ratio: float = 0.5
-    """Share of real transitions in each NAF batch."""
-
-
-@dataclass
 class Config(ModelBasedConfig):
     """MBA. The defaults are a short Pendulum run with 5-step imagination rollouts."""
 
     updates_per_step: int = 5
     """G, NAF updates per env step (the paper's I)."""
-    learner: NAFLearner = field(default_factory=NAFLearner)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="naf", lr=1e-3))
     """NAF; MBA's learner (td3, ddpg or sac also work here)."""
-    branch: MBABranch = field(default_factory=MBABranch)
+    branch: BranchConfig = field(
+        default_factory=lambda: BranchConfig(
+            rollout_batch_size=5_000, min_length=5, max_length=5, real_ratio=0.5
+        )
+    )
     """Imagination rollouts: 5,000 starts per model fit, k = 5, half real data per batch."""
 
 

@@ -24,14 +24,6 @@ from mbrl.runs import Run
 
 
 @dataclass
-class SACLearner(LearnerConfig):
-    """SAC as the learner."""
-
-    name: str = "sac"
-    """The learner (see Config.learner)."""
-
-
-@dataclass
 class Config(ModelBasedConfig):
     """MBPO. The defaults are the InvertedPendulum settings (epochs of 250 steps, k = 1,
     G = 10), run for 5,000 env steps."""
@@ -46,7 +38,7 @@ class Config(ModelBasedConfig):
     """Uniform random actions before the learner acts (and before any update)."""
     updates_per_step: int = 10
     """G, SAC updates per env step."""
-    learner: SACLearner = field(default_factory=SACLearner)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="sac"))
     """SAC (256 x 2 units, lr 3e-4, batch 256, gamma 0.99, tau 5e-3)."""
     branch: BranchConfig = field(default_factory=BranchConfig)
     """Branched rollouts: 100k starts per model fit, k = 1, real_ratio 0.05."""

@@ -32,20 +32,12 @@ class TD3Learner(LearnerConfig):
 
 
 @dataclass
-class MVEHorizon(MVEConfig):
-    """Value expansion with a short default horizon."""
-
-    horizon: int = 5
-    """H, imagined steps per target."""
-
-
-@dataclass
 class Config(ModelBasedConfig):
     """MVE. The defaults are a short Pendulum run with TD3 and H = 5."""
 
     learner: TD3Learner = field(default_factory=TD3Learner)
     """TD3 (or ddpg, naf) whose critic gets the value-expansion targets."""
-    mve: MVEHorizon = field(default_factory=MVEHorizon)
+    mve: MVEConfig = field(default_factory=lambda: MVEConfig(horizon=5))
     """H, imagined steps per target."""
 
 

@@ -17,20 +17,10 @@ from mbrl.runs import Run
 
 
 @dataclass
-class NAFLearner(LearnerConfig):
-    """NAF as the learner (its own defaults)."""
-
-    name: str = "naf"
-    """The learner (the default is this algorithm's)."""
-    lr: float = 1e-3
-    """Adam learning rate."""
-
-
-@dataclass
 class Config(DynaConfig):
     """NAF. The defaults are a short Pendulum run."""
 
-    learner: NAFLearner = field(default_factory=NAFLearner)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="naf", lr=1e-3))
     """The learner: NAF's network, discount, Polyak rate and exploration noise."""
 
 

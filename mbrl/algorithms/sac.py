@@ -17,18 +17,10 @@ from mbrl.runs import Run
 
 
 @dataclass
-class SACLearner(LearnerConfig):
-    """SAC as the learner."""
-
-    name: str = "sac"
-    """The learner (the default is this algorithm's)."""
-
-
-@dataclass
 class Config(DynaConfig):
     """SAC. The defaults are a short Pendulum run."""
 
-    learner: SACLearner = field(default_factory=SACLearner)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="sac"))
     """The learner: SAC's networks, discount, Polyak rate, temperature."""
 
 
