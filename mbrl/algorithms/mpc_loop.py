@@ -159,9 +159,10 @@ def train_mpc(
         plan_seconds = stats.plan_seconds / max(stats.plans, 1)
         log(ep, report, plan_seconds, stats.nonfinite)
         tqdm.write(
-            f"trial {trial}: return {ep.ret:.1f} ({len(ep)} steps), model loss train "
-            f"{report.final_train_loss:.4f} / held-out {report.best_val_loss:.4f}, fit "
-            f"{report.seconds:.1f} s, {plan_seconds:.3f} s/plan"
+            f"trial {trial}: return {ep.ret:.1f} ({len(ep)} steps), model loss "
+            f"{report.final_train_loss:.4f}"
+            + (f" (held-out {report.best_val_loss:.4f})" if report.val_loss else "")
+            + f", fit {report.seconds:.1f} s, {plan_seconds:.3f} s/plan"
             + (f", {stats.nonfinite} non-finite candidates" if stats.nonfinite else "")
             + (f", {stats.not_ok} plans not ok" if stats.not_ok else "")
         )
