@@ -316,3 +316,11 @@ def test_actor_obs_moves_only_the_policy_update(kind):
     assert torch.equal(params(a1.actor), params(a2.actor))
     assert torch.equal(params(a1.critic), params(a3.critic))  # the critic step comes first
     assert not torch.equal(params(a1.actor), params(a3.actor))
+
+
+@pytest.mark.parametrize("cls", [SAC, TD3, NAF])
+def test_learners_refuse_bad_rates(cls):
+    with pytest.raises(ValueError, match="0 <= gamma <= 1; got tau=0.005, gamma=1.5"):
+        cls(2, 1, [-1.0], [1.0], gamma=1.5)
+    with pytest.raises(ValueError, match="0 < tau <= 1"):
+        cls(2, 1, [-1.0], [1.0], tau=0.0)

@@ -18,18 +18,10 @@ from mbrl.runs import Run
 
 
 @dataclass
-class DDPGLearner(LearnerConfig):
-    """DDPG as the learner."""
-
-    name: str = "ddpg"
-    """The learner (the default is this algorithm's)."""
-
-
-@dataclass
 class Config(DynaConfig):
     """DDPG. The defaults are a short Pendulum run."""
 
-    learner: DDPGLearner = field(default_factory=DDPGLearner)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="ddpg"))
     """The learner: DDPG's networks and exploration noise."""
 
 

@@ -24,18 +24,10 @@ from mbrl.runs import Run
 
 
 @dataclass
-class TD3Learner(LearnerConfig):
-    """TD3 as the learner."""
-
-    name: str = "td3"
-    """The learner (see Config.learner)."""
-
-
-@dataclass
 class Config(ModelBasedConfig):
     """MVE. The defaults are a short Pendulum run with TD3 and H = 5."""
 
-    learner: TD3Learner = field(default_factory=TD3Learner)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="td3"))
     """TD3 (or ddpg, naf) whose critic gets the value-expansion targets."""
     mve: MVEConfig = field(default_factory=lambda: MVEConfig(horizon=5))
     """H, imagined steps per target."""

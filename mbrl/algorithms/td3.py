@@ -18,18 +18,10 @@ from mbrl.runs import Run
 
 
 @dataclass
-class TD3Learner(LearnerConfig):
-    """TD3 as the learner."""
-
-    name: str = "td3"
-    """The learner (the default is this algorithm's)."""
-
-
-@dataclass
 class Config(DynaConfig):
     """TD3. The defaults are a short Pendulum run."""
 
-    learner: TD3Learner = field(default_factory=TD3Learner)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="td3"))
     """The learner: TD3's networks, delay, smoothing and exploration noise."""
 
 

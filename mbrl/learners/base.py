@@ -66,3 +66,9 @@ def one_step_target(
     with torch.no_grad():
         alive = (~batch.terminated).to(batch.reward.dtype)  # [B]
         return batch.reward + learner.gamma * alive * learner.target_value(batch.next_obs)
+
+
+def check_rates(gamma: float, tau: float) -> None:
+    """Refuse a discount outside ``[0, 1]`` or a Polyak rate outside ``(0, 1]``."""
+    if not 0.0 < tau <= 1.0 or not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"need 0 < tau <= 1 and 0 <= gamma <= 1; got tau={tau}, gamma={gamma}")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mbrl.dynamics.base import Transitions
-from mbrl.learners.base import one_step_target
+from mbrl.learners.base import check_rates, one_step_target
 from mbrl.learners.networks import ActionScale, EnsembleMLP, as_batch, frozen_copy, soft_update
 
 
@@ -67,8 +67,7 @@ class NAF:
         device: torch.device | str = "cpu",
         seed: int = 0,
     ) -> None:
-        if not 0.0 < tau <= 1.0 or not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"need 0 < tau <= 1 and 0 <= gamma <= 1; got tau={tau}, gamma={gamma}")
+        check_rates(gamma, tau)
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.gamma, self.tau = gamma, tau
         self.exploration_noise = exploration_noise

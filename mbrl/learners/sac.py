@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mbrl.dynamics.base import Transitions
-from mbrl.learners.base import one_step_target
+from mbrl.learners.base import check_rates, one_step_target
 from mbrl.learners.networks import ActionScale, EnsembleMLP, as_batch, frozen_copy, soft_update
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
@@ -80,11 +80,9 @@ class SAC:
         device: torch.device | str = "cpu",
         seed: int = 0,
     ) -> None:
-        if not 0.0 < tau <= 1.0 or not 0.0 <= gamma <= 1.0 or init_alpha <= 0:
-            raise ValueError(
-                f"need 0 < tau <= 1, 0 <= gamma <= 1, init_alpha > 0; got tau={tau}, "
-                f"gamma={gamma}, init_alpha={init_alpha}"
-            )
+        check_rates(gamma, tau)
+        if init_alpha <= 0:
+            raise ValueError(f"need init_alpha > 0; got {init_alpha}")
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.gamma, self.tau = gamma, tau
         self.device = torch.device(device)
