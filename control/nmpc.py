@@ -359,3 +359,58 @@ class NMPC:
                 "constraint_violation": sol.constraint_violation,
             },
         )
+
+
+@dataclass(frozen=True)
+class ReferenceSolution:
+    """An IPOPT multiple-shooting solve used as the known answer for other solvers."""
+
+    cost: float  # summed stage cost plus terminal cost of the optimum
+    seconds: float  # wall time of ``opti.solve()`` alone (the NLP is built before the clock)
+    iterations: int  # IPOPT iterations
+    status: str  # IPOPT's return status, e.g. "Solve_Succeeded"
+    actions: np.ndarray  # [H, U]
+
+
+def ipopt_reference(
+    system: CasadiSystem, x0: np.ndarray, u_init: np.ndarray, tol: float = 1e-10
+) -> ReferenceSolution:
+    """Solve the open-loop problem from ``x0`` with IPOPT by direct multiple shooting.
+
+    States and controls are variables, the system's casadi step is an equality constraint per
+    step, controls are boxed where the bounds are finite, and the initial guess is ``u_init``
+    ``[H, U]`` with the states it produces: the same problem and guess an iLQR solve gets, so
+    its cost and time can be compared (exact Hessian, stops at IPOPT's ``tol``).
+    """
+    h = u_init.shape[0]
+    xs, us = ca.MX.sym("x", system.obs_dim), ca.MX.sym("u", system.act_dim)
+    step = ca.Function("step", [xs, us], [system.step_casadi(xs, us)])
+    guess = [np.asarray(x0, dtype=float)]
+    for t in range(h):
+        guess.append(np.asarray(step(guess[-1], u_init[t])).reshape(-1))
+    opti = ca.Opti()
+    X = opti.variable(system.obs_dim, h + 1)  # [X, H + 1]
+    U = opti.variable(system.act_dim, h)  # [U, H]
+    opti.subject_to(X[:, 0] == x0)
+    cost = 0
+    for t in range(h):
+        opti.subject_to(X[:, t + 1] == system.step_casadi(X[:, t], U[:, t]))
+        cost = cost + system.cost_casadi(X[:, t], U[:, t])
+    cost = cost + system.terminal_cost_casadi(X[:, h])
+    if np.isfinite(system.action_low).all() and np.isfinite(system.action_high).all():
+        opti.subject_to(opti.bounded(system.action_low, U, system.action_high))
+    opti.minimize(cost)
+    opti.set_initial(U, u_init.T)
+    opti.set_initial(X, np.stack(guess).T)
+    opti.solver("ipopt", {"print_time": False}, {"print_level": 0, "tol": tol, "sb": "yes"})
+    start = time.perf_counter()
+    sol = opti.solve()
+    seconds = time.perf_counter() - start
+    stats = opti.stats()
+    return ReferenceSolution(
+        cost=float(sol.value(cost)),
+        seconds=seconds,
+        iterations=int(stats["iter_count"]),
+        status=stats["return_status"],
+        actions=np.asarray(sol.value(U)).reshape(system.act_dim, h).T,
+    )

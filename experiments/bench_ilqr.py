@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import casadi as ca
 import numpy as np
 import torch
 
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import matmul_peak_gflops  # noqa: E402
 
 from mbrl.control import MPCController, run_episode  # noqa: E402
+from mbrl.control.nmpc import ipopt_reference  # noqa: E402
 from mbrl.envs import make  # noqa: E402
 from mbrl.envs.systems import AnalyticSystem  # noqa: E402
 from mbrl.planners.base import Plan, PlanningProblem  # noqa: E402
@@ -98,38 +98,6 @@ def mpc_bench(env_name: str, horizon: int, steps: int, max_iterations: int) -> d
     }
 
 
-def ipopt_solve(system: AnalyticSystem, x0: np.ndarray, u_init: np.ndarray) -> dict:
-    """Multiple shooting: states and controls as variables, the step as equality constraints."""
-    h = u_init.shape[0]
-    opti = ca.Opti()
-    X = opti.variable(system.obs_dim, h + 1)
-    U = opti.variable(system.act_dim, h)
-    x_guess = [x0]
-    J = 0
-    opti.subject_to(X[:, 0] == x0)
-    for t in range(h):
-        opti.subject_to(X[:, t + 1] == system.step_casadi(X[:, t], U[:, t]))
-        J = J + system.cost_casadi(X[:, t], U[:, t])
-        nxt = system.step(torch.tensor(x_guess[-1][None]), torch.tensor(u_init[t : t + 1]))
-        x_guess.append(nxt[0].numpy())
-    J = J + system.terminal_cost_casadi(X[:, h])
-    opti.subject_to(opti.bounded(system.action_low, U, system.action_high))
-    opti.minimize(J)
-    opti.set_initial(U, u_init.T)
-    opti.set_initial(X, np.stack(x_guess).T)
-    opti.solver("ipopt", {"print_time": False}, {"print_level": 0, "tol": 1e-10, "sb": "yes"})
-    start = time.perf_counter()
-    sol = opti.solve()
-    seconds = time.perf_counter() - start
-    stats = opti.stats()
-    return {
-        "cost": float(sol.value(J)),
-        "seconds": seconds,
-        "iterations": int(stats["iter_count"]),
-        "status": stats["return_status"],
-    }
-
-
 def cold_bench(horizon: int, guess: float) -> dict:
     spec = make("pendulum-swingup")
     system = spec.dynamics
@@ -141,7 +109,7 @@ def cold_bench(horizon: int, guess: float) -> dict:
     start = time.perf_counter()
     plan = planner.plan(problem, torch.tensor(x0), torch.tensor(u_init))
     seconds = time.perf_counter() - start
-    ref = ipopt_solve(system, x0, u_init)
+    ref = ipopt_reference(system, x0, u_init)
     return {
         "system": "pendulum",
         "horizon": horizon,
@@ -153,8 +121,13 @@ def cold_bench(horizon: int, guess: float) -> dict:
             "status": plan.status,
             "success": bool(system.success(plan.x_ref[-1].numpy())),
         },
-        "ipopt_multiple_shooting": ref,
-        "cost_ratio_ilqr_over_ipopt": plan.diagnostics["cost"] / ref["cost"],
+        "ipopt_multiple_shooting": {
+            "cost": ref.cost,
+            "seconds": ref.seconds,
+            "iterations": ref.iterations,
+            "status": ref.status,
+        },
+        "cost_ratio_ilqr_over_ipopt": plan.diagnostics["cost"] / ref.cost,
     }
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import casadi as ca
 import numpy as np
 import pytest
 import scipy.optimize
 import torch
 
 from mbrl.control import MPCController, run_episode
+from mbrl.control.nmpc import ipopt_reference
 from mbrl.envs import make
 from mbrl.envs.systems import SYSTEMS, AnalyticSystem, double_integrator
 from mbrl.planners.base import PlanningProblem
@@ -29,31 +29,6 @@ def system_problem(system: AnalyticSystem, horizon: int, model=None, reward_fn=N
         system.action_high,
         terminal_reward_fn=system.terminal_reward_fn(),
     )
-
-
-def ipopt_reference(system: AnalyticSystem, x0: np.ndarray, u_init: np.ndarray) -> float:
-    """Multiple shooting with IPOPT: same dynamics, cost, bounds and initial guess."""
-    h = u_init.shape[0]
-    opti = ca.Opti()
-    X = opti.variable(system.obs_dim, h + 1)
-    U = opti.variable(system.act_dim, h)
-    x_guess = [x0]
-    J = 0
-    opti.subject_to(X[:, 0] == x0)
-    for t in range(h):
-        opti.subject_to(X[:, t + 1] == system.step_casadi(X[:, t], U[:, t]))
-        J = J + system.cost_casadi(X[:, t], U[:, t])
-        nxt = system.step(torch.tensor(x_guess[-1][None]), torch.tensor(u_init[t : t + 1]))
-        x_guess.append(nxt[0].numpy())
-    J = J + system.terminal_cost_casadi(X[:, h])
-    if np.isfinite(system.action_high).all():
-        opti.subject_to(opti.bounded(system.action_low, U, system.action_high))
-    opti.minimize(J)
-    opti.set_initial(U, u_init.T)
-    opti.set_initial(X, np.stack(x_guess).T)
-    opti.solver("ipopt", {"print_time": False}, {"print_level": 0, "tol": 1e-10, "sb": "yes"})
-    sol = opti.solve()
-    return float(sol.value(J))
 
 
 def lq_reference(system: AnalyticSystem, x0: np.ndarray, h: int):
@@ -130,7 +105,7 @@ def test_pendulum_swingup_reaches_ipopt_optimum() -> None:
     plan = ILQR(max_iterations=200, tol_rel_cost=1e-9).plan(
         system_problem(system, h), torch.tensor(system.start), torch.tensor(u_init)
     )
-    reference = ipopt_reference(system, system.start, u_init)
+    reference = ipopt_reference(system, system.start, u_init).cost
     assert plan.status == "converged"
     assert plan.diagnostics["cost"] <= reference * 1.01, (plan.diagnostics, reference)
     assert abs(plan.expected_return + plan.diagnostics["cost"]) < 1e-9
@@ -155,7 +130,7 @@ def test_control_bounds_are_respected() -> None:
     assert (plan.actions >= problem.action_low.double()).all()
     at_bound = plan.actions.abs() >= 1.0 - 1e-9
     assert at_bound.any() and not at_bound.all()
-    reference = ipopt_reference(bounded, x0, np.zeros((20, 2)))
+    reference = ipopt_reference(bounded, x0, np.zeros((20, 2))).cost
     assert plan.diagnostics["cost"] == pytest.approx(reference, rel=1e-6)
 
 
