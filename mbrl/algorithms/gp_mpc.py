@@ -26,7 +26,7 @@ import torch
 
 from mbrl import envs
 from mbrl.algorithms.common import PlannerConfig, Summary, make_planner, resolve_device
-from mbrl.algorithms.mpc_loop import train_mpc
+from mbrl.algorithms.mpc_loop import MPCRunConfig, train_mpc
 from mbrl.dynamics.base import FitReport
 from mbrl.dynamics.gp import GaussianProcessModel
 from mbrl.planners.base import Planner
@@ -66,27 +66,19 @@ class ILQRConfig:
 
 
 @dataclass
-class Config:
-    """GP-MPC. The defaults are the pendulum benchmark: 1 random + 2 MPC episodes."""
+class Config(MPCRunConfig):
+    """GP-MPC. The defaults are the pendulum benchmark: 1 random + 2 MPC episodes.
+
+    Loop fields (env, seed, trials, random_episodes, horizon, particles, ...) are documented on
+    :class:`~mbrl.algorithms.mpc_loop.MPCRunConfig`; use particles = 1 with
+    propagation=expectation.
+    """
 
     env: str = "pendulum"
-    """Registry name of the env (``mbrl envs`` lists them)."""
-    seed: int = 0
-    """Seeds the env resets, the GP fit, the planner and the random episodes."""
     trials: int = 2
-    """MPC episodes after the random ones."""
     random_episodes: int = 1
-    """Episodes with uniform random actions before the first trial."""
     horizon: int = 20
-    """Planning horizon H."""
-    particles: int = 1
-    """Particles P per candidate (1 for propagation=expectation)."""
-    replan_every: int = 1
-    """Plan every k env steps."""
     buffer_capacity: int = 100_000
-    """Most real transitions kept (the GP switches to SGPR above max_exact_points)."""
-    stop_when_solved: int = 0
-    """Stop after this many consecutive solved trials (0: run every trial)."""
     planner_kind: str = "sampling"
     """sampling (the planner section: cem, icem or random) or ilqr (on the GP mean)."""
     model: GPConfig = field(default_factory=GPConfig)
@@ -129,26 +121,17 @@ def build_planner(cfg: Config) -> Planner:
 def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     """Run (or resume) GP-MPC as configured, logging to ``run``; returns the summary."""
     dev = resolve_device(device)
-    spec = envs.make(cfg.env)
-    model = build_model(cfg, spec, dev)
+    model = build_model(cfg, envs.make(cfg.env), dev)
 
     def gp_metrics(report: FitReport) -> dict[str, float]:
         return {"sparse": int(model.diagnostics.sparse), "jitter": model.diagnostics.jitter}
 
     return train_mpc(
         run,
-        spec,
+        cfg,
         model,
         build_planner(cfg),
         label="GP-MPC",
-        seed=cfg.seed,
-        trials=cfg.trials,
-        horizon=cfg.horizon,
-        particles=cfg.particles,
-        replan_every=cfg.replan_every,
-        buffer_capacity=cfg.buffer_capacity,
-        stop_when_solved=cfg.stop_when_solved,
-        random_episodes=cfg.random_episodes,
         fit=lambda data, generator: model.fit(data, generator=generator),
         fit_metrics=gp_metrics,
         extra_columns=("sparse", "jitter"),

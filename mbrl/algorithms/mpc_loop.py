@@ -1,6 +1,6 @@
 """The learning loop shared by the model-based MPC algorithms (PETS, GP-MPC).
 
-    collect random episodes until ``random_steps`` transitions and ``random_episodes``
+    collect random episodes until ``seed_steps`` transitions and ``random_episodes``
     episodes are stored
     for trial = 1 .. trials:
         fit the model on every stored transition
@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from mbrl import envs
 from mbrl.algorithms.common import Summary, progress_bar, resolve_device
 from mbrl.buffer import ReplayBuffer
 from mbrl.control import MPCController, RandomPolicy, run_episode
 from mbrl.dynamics.base import FitReport, Transitions
-from mbrl.envs import EnvSpec
 from mbrl.planners import PlanningProblem
 from mbrl.planners.base import Planner
 from mbrl.plots import learning_curve
@@ -39,22 +40,40 @@ FitMetrics = Callable[[FitReport], Mapping[str, float]]
 """Extra metric columns of a model after a fit (say, the GP's jitter)."""
 
 
+@dataclass
+class MPCRunConfig:
+    """What every model-based MPC algorithm's config holds (PETS, GP-MPC add model and planner
+    sections and their own defaults)."""
+
+    env: str = "cartpole-balance"
+    """Registry name of the env (``mbrl envs`` lists them)."""
+    seed: int = 0
+    """Seeds the env resets, the model, the planner and the random episodes."""
+    trials: int = 5
+    """MPC episodes after the random ones (at most; see stop_when_solved)."""
+    seed_steps: int = 0
+    """Random-action transitions collected before the first trial."""
+    random_episodes: int = 0
+    """Random-action episodes collected before the first trial (both minimums must be met)."""
+    horizon: int = 15
+    """Planning horizon H."""
+    particles: int = 1
+    """Particles P per candidate."""
+    replan_every: int = 1
+    """Plan every k env steps."""
+    buffer_capacity: int = 1_000_000
+    """Most real transitions kept."""
+    stop_when_solved: int = 0
+    """Stop after this many consecutive solved trials (0: run every trial)."""
+
+
 def train_mpc(
     run: Run,
-    spec: EnvSpec,
+    cfg: MPCRunConfig,
     model: torch.nn.Module,
     planner: Planner,
     *,
     label: str,
-    seed: int,
-    trials: int,
-    horizon: int,
-    particles: int,
-    replan_every: int,
-    buffer_capacity: int,
-    stop_when_solved: int,
-    random_steps: int = 0,
-    random_episodes: int = 0,
     fit: FitFn | None = None,
     fit_metrics: FitMetrics | None = None,
     extra_columns: Sequence[str] = (),
@@ -63,24 +82,26 @@ def train_mpc(
     """Run (or resume from ``run``'s checkpoint) the loop above; returns the summary.
 
     Args:
+        cfg: the run's loop settings (env, seed, trials, random data, horizon, particles, ...).
         model: any dynamics model that is an ``nn.Module`` (its ``state_dict`` is checkpointed).
         planner: any planner; it plans on ``model`` through one :class:`PlanningProblem`.
         label: the algorithm's name in logs and plots.
         fit: how to fit the model (default ``model.fit(data)``).
         fit_metrics, extra_columns: extra per-trial metrics and their column names.
-        stop_when_solved: stop after this many consecutive solved trials (0: never).
     """
     dev = resolve_device(device)
+    spec = envs.make(cfg.env)
+    seed, trials = cfg.seed, cfg.trials
     env = spec.make()
     fit = fit if fit is not None else (lambda data, gen: model.fit(data))
-    buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, buffer_capacity, device=dev)
+    buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, cfg.buffer_capacity, device=dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
     rng = np.random.default_rng(seed)
     low, high = spec.action_bounds(dev)
     problem = PlanningProblem(
-        model, spec.reward_fn, spec.termination_fn, horizon, low, high, particles, gen
+        model, spec.reward_fn, spec.termination_fn, cfg.horizon, low, high, cfg.particles, gen
     )
-    controller = MPCController(planner, problem, replan_every, dev)
+    controller = MPCController(planner, problem, cfg.replan_every, dev)
 
     trial, episodes, wall, returns, streak = 0, 0, 0.0, [], 0
     state = run.load_checkpoint()
@@ -125,9 +146,12 @@ def train_mpc(
             **{c: extra.get(c, "") for c in extra_columns},
         )
 
-    if trial == 0 and (len(buffer) < random_steps or episodes < random_episodes):
+    def more_random() -> bool:
+        return len(buffer) < cfg.seed_steps or episodes < cfg.random_episodes
+
+    if trial == 0 and more_random():
         random_policy = RandomPolicy(spec.action_low, spec.action_high, rng)
-        while len(buffer) < random_steps or episodes < random_episodes:
+        while more_random():
             start = time.perf_counter()
             ep = run_episode(env, random_policy, seed=episode_seed(seed, episodes))
             buffer.add_episode(ep)
@@ -137,7 +161,8 @@ def train_mpc(
         tqdm.write(f"random actions: {episodes} episodes, {len(buffer)} transitions")
         checkpoint()
 
-    while trial < trials and not (stop_when_solved and streak >= stop_when_solved):
+    stop = cfg.stop_when_solved
+    while trial < trials and not (stop and streak >= stop):
         start = time.perf_counter()
         report = fit(buffer.all(), gen)
         controller.reset_stats()

@@ -18,7 +18,7 @@ import torch
 
 from mbrl import envs
 from mbrl.algorithms.common import DTYPES, PlannerConfig, Summary, make_planner, resolve_device
-from mbrl.algorithms.mpc_loop import train_mpc
+from mbrl.algorithms.mpc_loop import MPCRunConfig, train_mpc
 from mbrl.dynamics.ensemble import ProbabilisticEnsemble
 from mbrl.runs import Run
 
@@ -54,27 +54,17 @@ class EnsembleConfig:
 
 
 @dataclass
-class Config:
-    """PETS. The defaults are the quick demo: cartpole balance solved in a few minutes."""
+class Config(MPCRunConfig):
+    """PETS. The defaults are the quick demo: cartpole balance solved in a few minutes.
 
-    env: str = "cartpole-balance"
-    """Registry name of the env (``mbrl envs`` lists them)."""
-    seed: int = 0
-    """Seeds the env resets, the model, the planner and the random episodes."""
-    trials: int = 5
-    """MPC episodes after the random ones (at most; see stop_when_solved)."""
+    Loop fields (env, seed, trials, seed_steps, horizon, particles, ...) are documented on
+    :class:`~mbrl.algorithms.mpc_loop.MPCRunConfig`; particles must be a multiple of the
+    elite count for TS-inf.
+    """
+
     seed_steps: int = 200
-    """Random-action transitions collected before the first trial."""
-    horizon: int = 15
-    """Planning horizon H."""
     particles: int = 10
-    """Particles P per candidate (a multiple of the elite count for TS-inf)."""
-    replan_every: int = 1
-    """Plan every k env steps."""
-    buffer_capacity: int = 1_000_000
-    """Most real transitions kept."""
     stop_when_solved: int = 1
-    """Stop after this many consecutive solved trials (0: run every trial)."""
     model: EnsembleConfig = field(default_factory=EnsembleConfig)
     planner: PlannerConfig = field(
         default_factory=lambda: PlannerConfig(population=200, iterations=3)
@@ -106,20 +96,5 @@ def build_model(cfg: Config, spec: envs.EnvSpec, device: torch.device) -> Probab
 def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     """Run (or resume) PETS as configured, logging to ``run``; returns the summary."""
     dev = resolve_device(device)
-    spec = envs.make(cfg.env)
-    return train_mpc(
-        run,
-        spec,
-        build_model(cfg, spec, dev),
-        make_planner(cfg.planner),
-        label="PETS",
-        seed=cfg.seed,
-        trials=cfg.trials,
-        horizon=cfg.horizon,
-        particles=cfg.particles,
-        replan_every=cfg.replan_every,
-        buffer_capacity=cfg.buffer_capacity,
-        stop_when_solved=cfg.stop_when_solved,
-        random_steps=cfg.seed_steps,
-        device=dev,
-    )
+    model = build_model(cfg, envs.make(cfg.env), dev)
+    return train_mpc(run, cfg, model, make_planner(cfg.planner), label="PETS", device=dev)
