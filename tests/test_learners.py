@@ -269,13 +269,13 @@ def greedy_return(learner, starts: torch.Tensor, steps: int = 10) -> float:
 
 
 @pytest.mark.learning
-@pytest.mark.parametrize("kind", ["td3", "sac"])
+@pytest.mark.parametrize("kind", ["td3", "sac", "naf"])
 def test_learns_point_mass(kind):
     """Off-policy learning from uniformly covering data: drive x to 0 within a 10-step episode.
 
     From these starts the untrained policy scores about -5.7 and the optimal one (full speed
-    towards 0) -0.49; TD3 reaches about -0.54 and SAC about -1.04 (its entropy bonus keeps
-    the policy soft).
+    towards 0) -0.49; TD3 reaches about -0.54, NAF about -0.70 and SAC about -1.04 (its
+    entropy bonus keeps the policy soft).
     """
     torch.manual_seed(0)  # unused by the learners; guards against hidden global randomness
     g = torch.Generator().manual_seed(0)
@@ -284,7 +284,7 @@ def test_learns_point_mass(kind):
     a = torch.rand(n, 1, generator=g) * 2 - 1
     nx, r = point_mass_step(x, a)
     data = Transitions(x, a, nx, r, torch.zeros(n, dtype=torch.bool))
-    learner = (SAC if kind == "sac" else TD3)(
+    learner = {"sac": SAC, "td3": TD3, "naf": NAF}[kind](
         1,
         1,
         [-1.0],
@@ -293,7 +293,7 @@ def test_learns_point_mass(kind):
         gamma=0.9,
         tau=0.02,
         seed=0,
-        **({"lr": 1e-3} if kind == "sac" else {"actor_lr": 1e-3, "critic_lr": 1e-3}),
+        **({"actor_lr": 1e-3, "critic_lr": 1e-3} if kind == "td3" else {"lr": 1e-3}),
     )
     starts = torch.linspace(-1, 1, 21).unsqueeze(-1)
     untrained = TD3(1, 1, [-1.0], [1.0], seed=3)

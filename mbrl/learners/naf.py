@@ -9,10 +9,12 @@ is made positive by ``exp``; with ``P(s) = L(s) L(s)^T`` (positive definite)
 
 so ``argmax_a Q(s, a) = mu(s)`` and ``max_a Q(s, a) = V(s)`` in closed form. The target is
 ``y = r + gamma (1 - d) V'(s')`` from a Polyak-averaged target network (Algorithm 1).
-Actions are in ``[-1, 1]``, mapped affinely to the env's bounds. ``mu`` is a linear output,
-not squashed: a ``tanh`` on it saturates at the bound, where its gradient vanishes and the
-policy stays stuck; actions are clipped to the box instead (exploration adds
-``N(0, exploration_noise^2)`` in that unit box before clipping).
+Actions are in ``[-1, 1]``, mapped affinely to the env's bounds; ``mu = tanh(.)`` keeps the
+greedy action inside that box (exploration adds ``N(0, exploration_noise^2)`` in the unit box,
+then clips). An unsquashed ``mu`` can leave the box: the clipped env actions then all sit at the
+bound, the buffer holds no action variation for those states, ``P`` shrinks to zero there, ``mu``
+gets no gradient and the policy stays at full torque (NAF on Pendulum: -1500 after 6,000 steps
+with a linear ``mu``, -177 with ``tanh``).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class NAF:
     def _heads_of(self, out: torch.Tensor) -> NAFHeads:
         u = self.act_dim
         value = out[:, 0]  # [B]
-        mu = out[:, 1 : 1 + u]  # [B, U] unbounded; act() clips to [-1, 1]
+        mu = torch.tanh(out[:, 1 : 1 + u])  # [B, U] in the unit box
         entries = out[:, 1 + u :]  # [B, U(U+1)/2]
         entries = torch.where(self._diag, entries.clamp(max=10.0).exp(), entries)
         L = out.new_zeros(out.shape[0], u, u)  # [B, U, U]
