@@ -151,7 +151,10 @@ def _study(args: argparse.Namespace) -> int:
 
 def _train(module, cfg, run: Run, device: str, algo: str) -> int:
     print(f"{algo} on {cfg.env}, seed {cfg.seed}: writing {run.path}", flush=True)
-    summary = module.train(cfg, run, device=device)
+    try:
+        summary = module.train(cfg, run, device=device)
+    finally:
+        run.close()
     print(summary.text(f"{algo} on {cfg.env}"))
     print(f"metrics: {run.metrics_path}\nplot: {run.path / 'learning_curve.png'}")
     return 0

@@ -5,12 +5,15 @@ Layout of ``runs/<name>/``::
     config.yaml       the resolved config (what ``mbrl resume`` reads back)
     run.yaml          algorithm, env, seed and device of the run
     metrics.csv       one row per logged step (episodes for PETS)
+    tensorboard/      the same numbers as TensorBoard scalars (``tensorboard --logdir runs``)
     checkpoint.pt     the latest checkpoint, written atomically
     learning_curve.png
 
 Checkpoints are written to a temporary file and renamed, so a run killed at any moment leaves
 the previous checkpoint intact. They hold only tensors, numbers, strings, lists and dicts and
-are read with ``torch.load(weights_only=True)``: nothing in them is ever executed.
+are read with ``torch.load(weights_only=True)``: nothing in them is ever executed. A resumed run
+drops the metric rows logged after its checkpoint, in ``metrics.csv`` and in TensorBoard (whose
+events from that step on are purged).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -48,9 +52,17 @@ class Run:
         path: ``runs/<name>``; created if missing.
         cfg: the resolved config dataclass (saved as ``config.yaml`` on creation).
         meta: algorithm, env, seed, device: what the CLI needs to resume the run.
+        tensorboard: also write every numeric metric as a TensorBoard scalar under
+            ``path/tensorboard``, at the row's ``env_steps`` (the row index when it has none).
     """
 
-    def __init__(self, path: str | Path, cfg: Any, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        cfg: Any,
+        meta: dict[str, Any] | None = None,
+        tensorboard: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
@@ -64,6 +76,9 @@ class Run:
                 yaml.safe_dump(meta, f, sort_keys=False)
         self._rows = self._count_rows()
         self._columns: list[str] | None = self._read_columns()
+        self.tensorboard_path = self.path / "tensorboard" if tensorboard else None
+        self._writer = None  # opened at the first log: importing tensorboard takes a second
+        self._purge_step: int | None = None
 
     # -- metrics -----------------------------------------------------------------------------
     def log(self, **metrics: float | int | str) -> None:
@@ -77,7 +92,26 @@ class Run:
             raise ValueError(f"metrics {sorted(missing)} are not columns of {self.metrics_path}")
         with self.metrics_path.open("a", newline="") as f:
             csv.writer(f).writerow([_fmt(metrics.get(c, "")) for c in self._columns])
+        self._write_scalars(metrics, step=_step_of(metrics, self._rows))
         self._rows += 1
+
+    def _write_scalars(self, metrics: dict[str, Any], step: int) -> None:
+        if self.tensorboard_path is None:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.tensorboard_path), purge_step=self._purge_step)
+        for key, value in metrics.items():
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (metrics.csv needs no closing)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def metrics(self) -> list[dict[str, str]]:
         """The rows of ``metrics.csv`` as dicts of strings."""
@@ -97,9 +131,12 @@ class Run:
 
     def _truncate_metrics(self, rows: int) -> None:
         """Drop rows logged after the checkpoint (a run killed between log and checkpoint)."""
-        kept = self.metrics()[:rows]
+        all_rows = self.metrics()
+        kept = all_rows[:rows]
         if self._columns is None:
             return
+        if len(all_rows) > rows:  # TensorBoard hides its events from the first dropped step on
+            self._purge_step = _step_of(all_rows[rows], rows)
         with self.metrics_path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self._columns)
             writer.writeheader()
@@ -159,6 +196,12 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
             f"checkpoint {path} is not an mbrl checkpoint of format {CHECKPOINT_FORMAT}"
         )
     return payload
+
+
+def _step_of(row: dict[str, Any], index: int) -> int:
+    """A row's TensorBoard step: its ``env_steps``, else its index."""
+    value = row.get("env_steps", "")
+    return int(float(value)) if value not in ("", None) else index
 
 
 def _fmt(value: Any) -> Any:

@@ -124,6 +124,29 @@ def test_run_checkpoint_round_trip_and_metric_rows(tmp_path):
     assert [r["step"] for r in again.metrics()] == ["1"]
 
 
+def _tensorboard_scalars(path, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path))
+    acc.Reload()
+    return [(e.step, round(e.value, 6)) for e in acc.Scalars(tag)]
+
+
+def test_run_mirrors_metrics_to_tensorboard_and_purges_dropped_rows(tmp_path):
+    run = Run(tmp_path / "r", _Cfg())
+    run.log(env_steps=100, loss=0.5, note="text is csv-only")
+    run.save_checkpoint({"n": 1})
+    run.log(env_steps=200, loss=0.25)  # after the checkpoint: dropped on resume
+    run.close()
+    assert _tensorboard_scalars(run.tensorboard_path, "loss") == [(100, 0.5), (200, 0.25)]
+
+    again = Run(tmp_path / "r", _Cfg())
+    again.load_checkpoint()
+    again.log(env_steps=200, loss=0.125)  # the resumed run logs step 200 again
+    again.close()
+    assert _tensorboard_scalars(again.tensorboard_path, "loss") == [(100, 0.5), (200, 0.125)]
+
+
 def test_run_refuses_other_config_and_truncated_file(tmp_path):
     run = Run(tmp_path / "r", _Cfg())
     run.save_checkpoint({"w": torch.zeros(1000)})
