@@ -50,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     study_p.add_argument("--name", help="run folder name (default study-control-SYSTEM)")
     study_p.add_argument("--runs-dir", default="runs")
 
+    plot_p = sub.add_parser("plot", help="learning curves of run folders on one axes")
+    plot_p.add_argument("paths", nargs="+", help="run folders, runs/<name>")
+    plot_p.add_argument("--out", required=True, help="PNG file to write")
+    plot_p.add_argument("--y", default="return", help="metrics.csv column (default return)")
+    plot_p.add_argument("--x", default="env_steps", help="metrics.csv column (default env_steps)")
+    plot_p.add_argument("--title", default="")
+    plot_p.add_argument(
+        "--per-run", action="store_true", help="one curve per run, not a mean per algorithm"
+    )
+
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may come after options
         if args.command != "run" or any("=" not in e or e.startswith("-") for e in extra):
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return _resume(args)
         if args.command == "study":
             return _study(args)
+        if args.command == "plot":
+            return _plot(args)
     except (
         KeyError,
         ValueError,
@@ -118,6 +130,20 @@ def _resume(args: argparse.Namespace) -> int:
     cfg = from_dict(module.Config, yaml.safe_load((path / "config.yaml").read_text()) or {})
     device = args.device or meta.get("device", "cpu")
     return _train(module, cfg, Run(path, cfg), device, meta["algo"])
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from mbrl.plots import grouped_curves, run_algo
+
+    groups: dict[str, list[Path]] = {}
+    for p in map(Path, args.paths):
+        if not (p / "metrics.csv").exists():
+            raise ValueError(f"{p} has no metrics.csv; pass run folders (runs/<name>)")
+        label = p.name if args.per_run else (run_algo(p) or p.name).upper()
+        groups.setdefault(label, []).append(p / "metrics.csv")
+    out = grouped_curves(groups, Path(args.out), x=args.x, y=args.y, title=args.title)
+    print(f"plot: {out}")
+    return 0
 
 
 def _study(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -36,7 +37,7 @@ from mbrl.dynamics.base import DynamicsModel, Transitions
 from mbrl.dynamics.ensemble import ProbabilisticEnsemble
 from mbrl.envs.spec import RewardFn, TerminationFn
 from mbrl.learners import NAF, SAC, TD3, Learner
-from mbrl.plots import learning_curve
+from mbrl.plots import learning_curve, related_runs
 from mbrl.runs import Run, numpy_rng_state, set_numpy_rng_state
 
 ActFn = Callable[[torch.Tensor], torch.Tensor]
@@ -765,13 +766,25 @@ def train(
     finally:
         bar.close()
 
-    learning_curve(
-        [(f"{label} seed {cfg.seed}", run.metrics_path)],
-        run.path / "learning_curve.png",
-        title=f"{label} on {cfg.env}",
-        target=spec.solved_return,
-    )
+    write_learning_curves(run, label, cfg.seed, cfg.env, spec.solved_return)
     return Summary.from_returns(evals, spec.solved_return, wall)
+
+
+def write_learning_curves(
+    run: Run, label: str, seed: int, env: str, target: float | None
+) -> list[Path]:
+    """This run's ``learning_curve.png`` with the runs of the same env, seed and learner in the
+    same parent folder (the model-free baseline of a model-based run, and back) on the same
+    axes. Their PNGs are redrawn too, so whichever run ends last, each shows all of them."""
+    related = related_runs(run.path)
+    out = []
+    for algo, path in [(None, run.path), *related]:
+        name = label if algo is None else algo.upper()
+        curves = [(f"{name} seed {seed}", path / "metrics.csv")]
+        curves += [(f"{a.upper()} seed {seed}", p / "metrics.csv") for a, p in related_runs(path)]
+        png = path / "learning_curve.png"
+        out.append(learning_curve(curves, png, title=f"{name} on {env}", target=target))
+    return out
 
 
 STAT_COLUMNS = ("q_loss", "actor_loss", "q_mean", "q_abs_max", "alpha", "entropy", "v_mean")

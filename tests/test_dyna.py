@@ -12,6 +12,8 @@ from mbrl import cli
 from mbrl.buffer import ReplayBuffer
 from mbrl.dyna import (
     DivergenceError,
+    DynaConfig,
+    LearnerConfig,
     ModelBuffer,
     NonFiniteModelError,
     branched_rollout,
@@ -20,10 +22,13 @@ from mbrl.dyna import (
     rollout_length,
     value_expansion_batch,
     value_expansion_targets,
+    write_learning_curves,
 )
 from mbrl.dynamics.base import Transitions
 from mbrl.dynamics.known import KnownModel
 from mbrl.learners import TD3
+from mbrl.plots import related_runs
+from mbrl.runs import Run
 
 torch.set_num_threads(1)
 
@@ -356,3 +361,34 @@ def test_unknown_learner_for_an_algorithm_is_named(tmp_path, capsys):
     args = ["run", "sac", "learner.name=td3", "--env", "pendulum", "--runs-dir", str(tmp_path)]
     assert cli.main(args) == 2
     assert "SAC does not run learner.name='td3'; valid: sac" in capsys.readouterr().err
+
+
+def _fake_run(root, name, algo, learner, seed=0, env="pendulum", returns=(-1000.0, -500.0)):
+    cfg = DynaConfig(env=env, seed=seed, learner=LearnerConfig(name=learner))
+    run = Run(root / name, cfg, {"algo": algo, "device": "cpu"}, tensorboard=False)
+    for i, r in enumerate(returns):
+        run.log(env_steps=1000 * (i + 1), **{"return": r})
+    return run
+
+
+def test_baseline_curves_share_the_axes_of_the_model_based_run(tmp_path):
+    sac = _fake_run(tmp_path, "sac", "sac", "sac")
+    mbpo = _fake_run(tmp_path, "mbpo", "mbpo", "sac", returns=(-900.0, -200.0))
+    _fake_run(tmp_path, "mbpo-seed1", "mbpo", "sac", seed=1)  # another seed: not a baseline
+    _fake_run(tmp_path, "mve", "mve", "td3")  # another learner: not a baseline
+    _fake_run(tmp_path, "sac-hopper", "sac", "sac", env="hopper")  # another env
+    assert related_runs(mbpo.path) == [("sac", sac.path)]
+    assert related_runs(sac.path) == [("mbpo", mbpo.path)]
+
+    pngs = write_learning_curves(mbpo, "MBPO", 0, "pendulum", -200.0)
+    assert pngs == [mbpo.path / "learning_curve.png", sac.path / "learning_curve.png"]
+    assert all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_cli_plot_groups_seeds_and_names_missing_runs(tmp_path, capsys):
+    runs = [_fake_run(tmp_path, f"td3-{s}", "td3", "td3", seed=s).path for s in range(2)]
+    out = tmp_path / "cmp.png"
+    assert cli.main(["plot", *map(str, runs), "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert cli.main(["plot", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "has no metrics.csv" in capsys.readouterr().err
