@@ -2,7 +2,7 @@
 Acceleration", Section 4).
 
 One network gives ``V(s)``, ``mu(s)`` and the entries of a lower-triangular ``L(s)`` whose diagonal
-is made positive by ``exp``; with ``P(s) = L(s) L(s)^T`` (positive definite)
+is made positive (see below); with ``P(s) = L(s) L(s)^T`` (positive definite)
 
     Q(s, a) = V(s) + A(s, a),    A(s, a) = -1/2 (a - mu(s))^T P(s) (a - mu(s))
             = V(s) - 1/2 || L(s)^T (a - mu(s)) ||^2,
@@ -14,7 +14,11 @@ greedy action inside that box (exploration adds ``N(0, exploration_noise^2)`` in
 then clips). An unsquashed ``mu`` can leave the box: the clipped env actions then all sit at the
 bound, the buffer holds no action variation for those states, ``P`` shrinks to zero there, ``mu``
 gets no gradient and the policy stays at full torque (NAF on Pendulum: -1500 after 6,000 steps
-with a linear ``mu``, -177 with ``tanh``).
+with a linear ``mu``, -177 with ``tanh``). For the same reason the diagonal of ``L`` is
+``softplus(.) + diag_floor`` rather than the paper's ``exp(.)``: on batches of on-policy
+imagined actions (MBA) an unbounded-below diagonal collapsed ``P`` to zero (``Q = V`` to 8
+digits) and the policy stopped learning; with the floor ``P >= diag_floor^2 I`` keeps ``mu``
+in the loss.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class NAF:
         tau: Polyak rate of the target network (paper: 0.001).
         lr: Adam learning rate.
         exploration_noise: std of the Gaussian exploration noise in the unit box.
+        diag_floor: lower bound of ``L``'s diagonal (``P >= diag_floor^2 I``); must be > 0.
         device: where networks and batches live.
         seed: seeds weight initialisation and the learner's own generator.
     """
@@ -66,10 +71,16 @@ class NAF:
         tau: float = 0.005,
         lr: float = 1e-3,
         exploration_noise: float = 0.1,
+        diag_floor: float = 0.1,
         device: torch.device | str = "cpu",
         seed: int = 0,
     ) -> None:
         check_rates(gamma, tau)
+        if not diag_floor > 0:
+            raise ValueError(
+                f"diag_floor must be > 0 (it keeps P positive definite); got {diag_floor}"
+            )
+        self.diag_floor = diag_floor
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.gamma, self.tau = gamma, tau
         self.exploration_noise = exploration_noise
@@ -91,7 +102,8 @@ class NAF:
         value = out[:, 0]  # [B]
         mu = torch.tanh(out[:, 1 : 1 + u])  # [B, U] in the unit box
         entries = out[:, 1 + u :]  # [B, U(U+1)/2]
-        entries = torch.where(self._diag, entries.clamp(max=10.0).exp(), entries)
+        diag = torch.nn.functional.softplus(entries) + self.diag_floor
+        entries = torch.where(self._diag, diag, entries)
         L = out.new_zeros(out.shape[0], u, u)  # [B, U, U]
         L[:, self._rows, self._cols] = entries
         return NAFHeads(value=value, mu=mu, L=L)
