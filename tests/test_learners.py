@@ -324,3 +324,19 @@ def test_learners_refuse_bad_rates(cls):
         cls(2, 1, [-1.0], [1.0], gamma=1.5)
     with pytest.raises(ValueError, match="0 < tau <= 1"):
         cls(2, 1, [-1.0], [1.0], tau=0.0)
+
+
+def test_naf_refuses_a_non_positive_diag_floor():
+    with pytest.raises(ValueError, match="diag_floor must be > 0"):
+        NAF(2, 1, [-1.0], [1.0], diag_floor=0.0)
+
+
+def test_naf_curvature_never_falls_below_the_floor():
+    learner = make("naf", diag_floor=0.25)
+    last = learner.net.net[-1]  # the output layer
+    with torch.no_grad():  # every output, L's diagonal pre-activations included, far negative
+        last.weight.zero_()
+        last.bias.fill_(-1e4)
+    h = learner.heads(batch().obs)
+    diag = torch.diagonal(h.L, dim1=1, dim2=2)
+    assert (diag >= 0.25).all()
