@@ -38,18 +38,7 @@ def learning_curve(
     for label, path in runs:
         xs, ys = read_curve(path, x, y)
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
-    if target is not None:
-        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"solved ({target:g})")
-    ax.set_xlabel(x.replace("_", " "))
-    ax.set_ylabel(y.replace("_", " "))
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, out, x, y, title, target)
 
 
 def grouped_curves(
@@ -74,6 +63,11 @@ def grouped_curves(
         )
         if len(paths) > 1:
             ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+    return _finish(fig, ax, out, x, y, title, target)
+
+
+def _finish(fig, ax, out: Path, x: str, y: str, title: str, target: float | None) -> Path:
+    """Target line, labels, grid and legend; save the PNG and close the figure."""
     if target is not None:
         ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"solved ({target:g})")
     ax.set_xlabel(x.replace("_", " "))
@@ -123,14 +117,14 @@ def related_runs(run_path: Path, keys: Sequence[str] = ("env", "seed", "learner.
         return tuple(values)
 
     mine = fields(run_path)
-    algo = _read_yaml(run_path / "run.yaml").get("algo")
+    algo = run_algo(run_path)
     if mine is None or not run_path.parent.is_dir():
         return []
     found = []
     for other in sorted(run_path.parent.iterdir()):
         if other == run_path or not (other / "metrics.csv").exists():
             continue
-        other_algo = _read_yaml(other / "run.yaml").get("algo")
+        other_algo = run_algo(other)
         if other_algo and other_algo != algo and fields(other) == mine:
             found.append((other_algo, other))
     return sorted(found, key=lambda t: t[0])
