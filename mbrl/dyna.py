@@ -384,6 +384,8 @@ class LearnerConfig:
     """Tune the temperature to the target entropy (sac)."""
     target_entropy: float | None = None
     """Target entropy (sac); None is -U."""
+    diag_floor: float = 0.1
+    """Lower bound of the diagonal of L in P = L L^T (naf); must be > 0."""
 
 
 @dataclass
@@ -511,7 +513,16 @@ def make_learner(
             **common,
         )
     if cfg.name == "naf":
-        return NAF(x, u, low, high, lr=cfg.lr, exploration_noise=cfg.exploration_noise, **common)
+        return NAF(
+            x,
+            u,
+            low,
+            high,
+            lr=cfg.lr,
+            exploration_noise=cfg.exploration_noise,
+            diag_floor=cfg.diag_floor,
+            **common,
+        )
     raise ValueError(f"unknown learner {cfg.name!r}; valid names: sac, td3, ddpg, naf")
 
 

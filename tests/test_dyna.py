@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mbrl import cli
+from mbrl import cli, envs
 from mbrl.buffer import ReplayBuffer
 from mbrl.dyna import (
     DivergenceError,
@@ -18,6 +18,7 @@ from mbrl.dyna import (
     NonFiniteModelError,
     branched_rollout,
     check_learner_stats,
+    make_learner,
     mixed_batch,
     rollout_length,
     value_expansion_batch,
@@ -361,6 +362,15 @@ def test_unknown_learner_for_an_algorithm_is_named(tmp_path, capsys):
     args = ["run", "sac", "learner.name=td3", "--env", "pendulum", "--runs-dir", str(tmp_path)]
     assert cli.main(args) == 2
     assert "SAC does not run learner.name='td3'; valid: sac" in capsys.readouterr().err
+
+
+def test_naf_diag_floor_comes_from_the_config(tmp_path, capsys):
+    spec = envs.make("pendulum")
+    naf = make_learner(LearnerConfig(name="naf", diag_floor=0.3), spec, torch.device("cpu"), 0)
+    assert naf.diag_floor == 0.3
+    args = ["run", "naf", "learner.diag_floor=0", "--env", "pendulum", "--runs-dir", str(tmp_path)]
+    assert cli.main(args) == 2
+    assert "diag_floor must be > 0" in capsys.readouterr().err
 
 
 def _fake_run(root, name, algo, learner, seed=0, env="pendulum", returns=(-1000.0, -500.0)):
