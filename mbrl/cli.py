@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     plot_p.add_argument("--x", default="env_steps", help="metrics.csv column (default env_steps)")
     plot_p.add_argument("--title", default="")
     plot_p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="also report the first x at which y reaches this value",
+    )
+    plot_p.add_argument(
         "--per-run", action="store_true", help="one curve per run, not a mean per algorithm"
     )
 
@@ -133,7 +139,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from mbrl.plots import grouped_curves, run_algo
+    from mbrl.plots import grouped_curves, run_algo, summary_table
 
     groups: dict[str, list[Path]] = {}
     for p in map(Path, args.paths):
@@ -142,6 +148,7 @@ def _plot(args: argparse.Namespace) -> int:
         label = p.name if args.per_run else (run_algo(p) or p.name).upper()
         groups.setdefault(label, []).append(p / "metrics.csv")
     out = grouped_curves(groups, Path(args.out), x=args.x, y=args.y, title=args.title)
+    print(summary_table(groups, x=args.x, y=args.y, threshold=args.threshold))
     print(f"plot: {out}")
     return 0
 

@@ -66,6 +66,47 @@ def grouped_curves(
     return _finish(fig, ax, out, x, y, title, target)
 
 
+def summary_table(
+    groups: dict[str, Sequence[Path]],
+    x: str = "env_steps",
+    y: str = "return",
+    threshold: float | None = None,
+) -> str:
+    """A markdown table of each group over its runs (seeds): the mean of ``y`` over each run's
+    logged points (the normalised area under its learning curve, a sample-efficiency measure at
+    a common ``x`` grid), the last ``y``, and the first ``x`` at which ``y >= threshold``
+    ("never" where a run does not reach it). Means are over runs, with the per-run values in
+    brackets; only the ``x`` values every run of the group logged are used."""
+    head = f"| group | runs | mean {y} over the curve | last {y} |"
+    rule = "| --- | --- | --- | --- |"
+    if threshold is not None:
+        head += f" first {x} with {y} >= {threshold:g} |"
+        rule += " --- |"
+    lines = [head, rule]
+    for label, paths in groups.items():
+        curves = [dict(zip(*read_curve(p, x, y), strict=True)) for p in paths]
+        xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not xs:
+            blank = " |" if threshold is not None else ""
+            lines.append(f"| {label} | {len(paths)} | no common {x} | |{blank}")
+            continue
+        ys = np.array([[c[v] for v in xs] for c in curves])  # [runs, points]
+        area, last = ys.mean(1), ys[:, -1]
+        row = f"| {label} | {len(paths)} | {_mean_and_each(area)} | {_mean_and_each(last)} |"
+        if threshold is not None:
+            reached = ys >= threshold  # [runs, points]
+            firsts = [xs[int(r.argmax())] if r.any() else None for r in reached]
+            each = ", ".join("never" if f is None else f"{f:g}" for f in firsts)
+            row += f" {each} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _mean_and_each(values: np.ndarray) -> str:
+    each = ", ".join(f"{v:.4g}" for v in values)
+    return f"{values.mean():.4g}" + (f" ({each})" if len(values) > 1 else "")
+
+
 def _finish(fig, ax, out: Path, x: str, y: str, title: str, target: float | None) -> Path:
     """Target line, labels, grid and legend; save the PNG and close the figure."""
     if target is not None:

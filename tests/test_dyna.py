@@ -28,7 +28,7 @@ from mbrl.dyna import (
 from mbrl.dynamics.base import Transitions
 from mbrl.dynamics.known import KnownModel
 from mbrl.learners import TD3
-from mbrl.plots import related_runs
+from mbrl.plots import related_runs, summary_table
 from mbrl.runs import Run
 
 torch.set_num_threads(1)
@@ -395,10 +395,34 @@ def test_baseline_curves_share_the_axes_of_the_model_based_run(tmp_path):
     assert all(p.stat().st_size > 1000 for p in pngs)
 
 
-def test_cli_plot_groups_seeds_and_names_missing_runs(tmp_path, capsys):
+def test_cli_plot_groups_seeds_and_prints_their_table(tmp_path, capsys):
     runs = [_fake_run(tmp_path, f"td3-{s}", "td3", "td3", seed=s).path for s in range(2)]
     out = tmp_path / "cmp.png"
     assert cli.main(["plot", *map(str, runs), "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
+    assert cli.main(["plot", *map(str, runs), "--out", str(out), "--threshold", "-600"]) == 0
+    table = capsys.readouterr().out
+    assert "| TD3 | 2 | -750 (-750, -750) | -500 (-500, -500) | 2000, 2000 |" in table
+
+
+def test_summary_table_by_hand(tmp_path):
+    a = _fake_run(tmp_path, "a", "td3", "td3", returns=(-900.0, -300.0, -100.0)).path
+    b = _fake_run(tmp_path, "b", "td3", "td3", seed=1, returns=(-500.0, -700.0, -600.0)).path
+    c = _fake_run(tmp_path, "c", "mve", "td3", returns=(-800.0, -200.0)).path
+    table = summary_table(
+        {"TD3": [a / "metrics.csv", b / "metrics.csv"], "MVE": [c / "metrics.csv"]}, threshold=-250
+    )
+    lines = table.splitlines()
+    assert lines[0] == (
+        "| group | runs | mean return over the curve | last return |"
+        " first env_steps with return >= -250 |"
+    )
+    # TD3: run a averages -433.3, run b -600; last -100 and -600; a first reaches -250 at 3000
+    assert lines[2] == "| TD3 | 2 | -516.7 (-433.3, -600) | -350 (-100, -600) | 3000, never |"
+    assert lines[3] == "| MVE | 1 | -500 | -200 | 2000 |"
+
+
+def test_cli_plot_names_a_folder_without_metrics(tmp_path, capsys):
+    out = tmp_path / "cmp.png"
     assert cli.main(["plot", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "has no metrics.csv" in capsys.readouterr().err
