@@ -416,6 +416,10 @@ class ModelConfig:
     """Learn the reward too (MBPO); False scores imagined steps with the env's reward_fn."""
     train_every: int = 250
     """Refit the model every this many env steps."""
+    propagation: str = "ts1"
+    """How imagined steps move: ``ts1`` samples each step from a random elite's Gaussian
+    (MBPO's rollouts); ``expectation`` takes the mean over elites, a deterministic model (MVE's
+    targets)."""
 
 
 @dataclass
@@ -533,11 +537,23 @@ class ModelBasedConfig(DynaConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
+DYNA_PROPAGATIONS = ("ts1", "expectation")
+
+
 def make_model(
     cfg: ModelConfig, spec: envs.EnvSpec, device: torch.device, seed: int
 ) -> ProbabilisticEnsemble:
-    """The ensemble a :class:`ModelConfig` describes; TS1 propagation (a random elite per
-    transition, as in MBPO's rollouts)."""
+    """The ensemble a :class:`ModelConfig` describes, stepping imagined states with
+    ``cfg.propagation``.
+
+    Raises:
+        ConfigError: a propagation other than ``ts1`` or ``expectation``.
+    """
+    if cfg.propagation not in DYNA_PROPAGATIONS:
+        raise ConfigError(
+            f"model.propagation={cfg.propagation!r} is not offered for Dyna rollouts, which start "
+            f"one rollout per state; valid: {', '.join(DYNA_PROPAGATIONS)}"
+        )
     return ProbabilisticEnsemble(
         spec.obs_dim,
         spec.act_dim,
@@ -545,7 +561,7 @@ def make_model(
         hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers,
         learns_reward=cfg.learns_reward,
-        propagation="ts1",
+        propagation=cfg.propagation,
         num_elites=cfg.num_elites,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,

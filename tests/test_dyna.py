@@ -9,16 +9,20 @@ import pytest
 import torch
 
 from mbrl import cli, envs
+from mbrl.algorithms import mbpo, mve
 from mbrl.buffer import ReplayBuffer
+from mbrl.config import ConfigError
 from mbrl.dyna import (
     DivergenceError,
     DynaConfig,
     LearnerConfig,
     ModelBuffer,
+    ModelConfig,
     NonFiniteModelError,
     branched_rollout,
     check_learner_stats,
     make_learner,
+    make_model,
     mixed_batch,
     rollout_length,
     value_expansion_batch,
@@ -212,6 +216,43 @@ def test_mve_drops_states_after_termination():
     r = reward_fn(vb.transitions.obs[row : row + 1], vb.transitions.act[row : row + 1],
                   torch.tensor([[1.1]]))  # fmt: skip
     assert vb.target_q[row].item() == pytest.approx(r.item(), abs=1e-5)
+
+
+def _fitted_ensemble(propagation: str):
+    cfg = ModelConfig(
+        ensemble_size=3, num_elites=2, hidden_size=16, num_layers=2, max_epochs=2,
+        batch_size=16, propagation=propagation,
+    )  # fmt: skip
+    model = make_model(cfg, envs.make("pendulum"), torch.device("cpu"), 0)
+    g = torch.Generator().manual_seed(0)
+    obs, act = torch.rand(64, 3, generator=g), torch.rand(64, 1, generator=g)
+    nobs = obs + 0.1 * act
+    model.fit(Transitions(obs, act, nobs, torch.zeros(64), torch.zeros(64, dtype=torch.bool)))
+    return model, Transitions(
+        obs[:8], act[:8], nobs[:8], torch.zeros(8), torch.zeros(8, dtype=bool)
+    )
+
+
+@pytest.mark.parametrize("propagation, same", [("expectation", True), ("ts1", False)])
+def test_mve_imagines_deterministically_with_the_mean_model(propagation, same):
+    model, real = _fitted_ensemble(propagation)
+    learner = TD3(3, 1, [-2.0], [2.0], hidden_size=16, target_noise=0.0, seed=0)
+    a, b = (
+        value_expansion_batch(
+            model, learner, real, 3, envs.make("pendulum").reward_fn,
+            lambda o: torch.zeros(len(o), dtype=torch.bool), torch.Generator().manual_seed(s),
+        )
+        for s in (1, 2)
+    )  # fmt: skip
+    assert torch.equal(a.transitions.obs, b.transitions.obs) == same
+    assert torch.equal(a.target_q, b.target_q) == same
+
+
+def test_mve_defaults_to_the_mean_model_and_dyna_refuses_ts_inf():
+    assert mve.Config().model.propagation == "expectation"
+    assert mbpo.Config().model.propagation == "ts1"
+    with pytest.raises(ConfigError, match="valid: ts1, expectation"):
+        make_model(ModelConfig(propagation="ts_inf"), envs.make("pendulum"), "cpu", 0)
 
 
 def test_mve_detects_nan_model():
