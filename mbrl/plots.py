@@ -76,9 +76,10 @@ def summary_table(
     logged points (the normalised area under its learning curve, a sample-efficiency measure at
     a common ``x`` grid), the last ``y``, and the first ``x`` at which ``y >= threshold``
     ("never" where a run does not reach it). Means are over runs, with the per-run values in
-    brackets; only the ``x`` values every run of the group logged are used."""
-    head = f"| group | runs | mean {y} over the curve | last {y} |"
-    rule = "| --- | --- | --- | --- |"
+    brackets; only the ``x`` values every run of the group logged are used, and the table
+    names the last of them (a run still going shortens its group's grid)."""
+    head = f"| group | runs | {x} up to | mean {y} over the curve | last {y} |"
+    rule = "| --- | --- | --- | --- | --- |"
     if threshold is not None:
         head += f" first {x} with {y} >= {threshold:g} |"
         rule += " --- |"
@@ -88,11 +89,12 @@ def summary_table(
         xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not xs:
             blank = " |" if threshold is not None else ""
-            lines.append(f"| {label} | {len(paths)} | no common {x} | |{blank}")
+            lines.append(f"| {label} | {len(paths)} | no common {x} | | |{blank}")
             continue
         ys = np.array([[c[v] for v in xs] for c in curves])  # [runs, points]
         area, last = ys.mean(1), ys[:, -1]
-        row = f"| {label} | {len(paths)} | {_mean_and_each(area)} | {_mean_and_each(last)} |"
+        row = f"| {label} | {len(paths)} | {xs[-1]:g} | {_mean_and_each(area)} |"
+        row += f" {_mean_and_each(last)} |"
         if threshold is not None:
             reached = ys >= threshold  # [runs, points]
             firsts = [xs[int(r.argmax())] if r.any() else None for r in reached]

@@ -443,7 +443,7 @@ def test_cli_plot_groups_seeds_and_prints_their_table(tmp_path, capsys):
     assert out.stat().st_size > 1000
     assert cli.main(["plot", *map(str, runs), "--out", str(out), "--threshold", "-600"]) == 0
     table = capsys.readouterr().out
-    assert "| TD3 | 2 | -750 (-750, -750) | -500 (-500, -500) | 2000, 2000 |" in table
+    assert "| TD3 | 2 | 2000 | -750 (-750, -750) | -500 (-500, -500) | 2000, 2000 |" in table
 
 
 def test_summary_table_by_hand(tmp_path):
@@ -455,12 +455,14 @@ def test_summary_table_by_hand(tmp_path):
     )
     lines = table.splitlines()
     assert lines[0] == (
-        "| group | runs | mean return over the curve | last return |"
+        "| group | runs | env_steps up to | mean return over the curve | last return |"
         " first env_steps with return >= -250 |"
     )
     # TD3: run a averages -433.3, run b -600; last -100 and -600; a first reaches -250 at 3000
-    assert lines[2] == "| TD3 | 2 | -516.7 (-433.3, -600) | -350 (-100, -600) | 3000, never |"
-    assert lines[3] == "| MVE | 1 | -500 | -200 | 2000 |"
+    assert (
+        lines[2] == "| TD3 | 2 | 3000 | -516.7 (-433.3, -600) | -350 (-100, -600) | 3000, never |"
+    )
+    assert lines[3] == "| MVE | 1 | 2000 | -500 | -200 | 2000 |"
 
 
 def test_cli_plot_names_a_folder_without_metrics(tmp_path, capsys):
