@@ -266,6 +266,7 @@ def value_expansion_batch(
     reward_fn: RewardFn,
     termination_fn: TerminationFn,
     generator: torch.Generator | None,
+    explore: bool = False,
 ) -> ValueExpansionBatch:
     """MVE (Feinberg et al. 2018, Algorithm 1): imagine ``horizon`` steps after each real
     transition and give every state of the trajectory its ``H``-step target.
@@ -287,7 +288,7 @@ def value_expansion_batch(
         alive = ~real.terminated
         for t in range(horizon):
             obs = state.obs  # [B, X]
-            act = learner.act(obs, deterministic=True)  # [B, U]
+            act = learner.act(obs, deterministic=not explore, generator=generator)  # [B, U]
             state = model.rollout_step(state, act, generator)
             reward = state.reward if model.learns_reward else reward_fn(obs, act, state.obs)
             _check_finite(state.obs, reward, alive, t)
@@ -448,6 +449,9 @@ class MVEConfig:
 
     horizon: int = 10
     """H, imagined steps in each value-expansion target."""
+    explore: bool = False
+    """Imagine under the exploration policy (the learner's action noise) instead of the
+    deterministic one, so the critic also sees actions off the policy at imagined states."""
 
 
 @dataclass
@@ -733,7 +737,14 @@ def train(
                         real = buffer.sample(cfg.learner.batch_size, gen)
                         h = cfg.mve.horizon
                         vb = value_expansion_batch(
-                            model, learner, real, h, spec.reward_fn, spec.termination_fn, gen
+                            model,
+                            learner,
+                            real,
+                            h,
+                            spec.reward_fn,
+                            spec.termination_fn,
+                            gen,
+                            explore=cfg.mve.explore,
                         )
                         s = learner.update(vb.transitions, vb.target_q, actor_obs=real.obs)
                     else:

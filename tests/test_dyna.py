@@ -218,6 +218,16 @@ def test_mve_drops_states_after_termination():
     assert vb.target_q[row].item() == pytest.approx(r.item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("explore", [False, True])
+def test_mve_imagines_under_the_exploration_policy_when_asked(explore):
+    learner, real = td3(exploration_noise=0.3), real_batch()
+    model, g = KnownModel(drift, 1, 1), torch.Generator().manual_seed(0)
+    vb = value_expansion_batch(model, learner, real, 2, reward_fn, beyond_one, g, explore=explore)
+    imagined = vb.transitions.obs[len(real) :], vb.transitions.act[len(real) :]
+    greedy = learner.act(imagined[0], deterministic=True)
+    assert torch.allclose(imagined[1], greedy) != explore
+
+
 def _fitted_ensemble(propagation: str):
     cfg = ModelConfig(
         ensemble_size=3, num_elites=2, hidden_size=16, num_layers=2, max_epochs=2,
