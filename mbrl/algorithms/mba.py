@@ -26,7 +26,7 @@ from mbrl.runs import Run
 
 @dataclass
 class Config(ModelBasedConfig):
-    """MBA. The defaults are a short Pendulum run with 5-step imagination rollouts."""
+    """MBA. The defaults are a short Pendulum run with one-step imagination rollouts."""
 
     updates_per_step: int = 5
     """G, NAF updates per env step (the paper's I)."""
@@ -34,10 +34,12 @@ class Config(ModelBasedConfig):
     """NAF; MBA's learner (td3, ddpg or sac also work here)."""
     branch: BranchConfig = field(
         default_factory=lambda: BranchConfig(
-            rollout_batch_size=5_000, min_length=5, max_length=5, real_ratio=0.5
+            rollout_batch_size=5_000, min_length=1, max_length=1, real_ratio=0.5
         )
     )
-    """Imagination rollouts: 5,000 starts per model fit, k = 5, half real data per batch."""
+    """Imagination rollouts: 5,000 starts per model fit, k = 1, half real data per batch (on
+    Pendulum, seed 0, G = 10: 5-step rollouts scored -699 over the curve against -456 for one
+    step and -554 for NAF alone; see experiments/mba_pendulum.yaml)."""
 
 
 def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
