@@ -53,11 +53,9 @@ def grouped_curves(
     values all runs of the group have logged, and save a PNG."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, paths in groups.items():
-        curves = [dict(zip(*read_curve(p, x, y), strict=True)) for p in paths]
-        xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        xs, ys = _common_grid(paths, x, y)
         if not xs:
             continue
-        ys = np.array([[c[v] for v in xs] for c in curves])  # [runs, points]
         (line,) = ax.plot(
             xs, ys.mean(0), marker="o", markersize=3, label=f"{label} (n={len(paths)})"
         )
@@ -85,13 +83,11 @@ def summary_table(
         rule += " --- |"
     lines = [head, rule]
     for label, paths in groups.items():
-        curves = [dict(zip(*read_curve(p, x, y), strict=True)) for p in paths]
-        xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        xs, ys = _common_grid(paths, x, y)
         if not xs:
             blank = " |" if threshold is not None else ""
             lines.append(f"| {label} | {len(paths)} | no common {x} | | |{blank}")
             continue
-        ys = np.array([[c[v] for v in xs] for c in curves])  # [runs, points]
         area, last = ys.mean(1), ys[:, -1]
         row = f"| {label} | {len(paths)} | {xs[-1]:g} | {_mean_and_each(area)} |"
         row += f" {_mean_and_each(last)} |"
@@ -102,6 +98,13 @@ def summary_table(
             row += f" {each} |"
         lines.append(row)
     return "\n".join(lines)
+
+
+def _common_grid(paths: Sequence[Path], x: str, y: str) -> tuple[list[float], np.ndarray]:
+    """The ``x`` values every run logged, and ``y`` there ``[runs, points]``."""
+    curves = [dict(zip(*read_curve(p, x, y), strict=True)) for p in paths]
+    xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return xs, np.array([[c[v] for v in xs] for c in curves])
 
 
 def _mean_and_each(values: np.ndarray) -> str:
