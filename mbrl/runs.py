@@ -41,8 +41,18 @@ class CheckpointError(RuntimeError):
 
 def config_hash(cfg: Any) -> str:
     """A stable digest of a config dataclass (its plain-dict form)."""
-    text = json.dumps(to_dict(cfg), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _dict_hash(to_dict(cfg))
+
+
+def _dict_hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _is_subset(part: Any, whole: Any) -> bool:
+    """``part`` equals ``whole`` except for keys ``whole``'s dicts have in addition."""
+    if isinstance(part, dict) and isinstance(whole, dict):
+        return all(k in whole and _is_subset(v, whole[k]) for k, v in part.items())
+    return part == whole
 
 
 class Run:
@@ -71,6 +81,10 @@ class Run:
         self.checkpoint_path = self.path / "checkpoint.pt"
         if not (self.path / "config.yaml").exists():
             save_config(cfg, self.path / "config.yaml")
+        # The config as this run first saved it: a checkpoint written before a config field was
+        # added (with a default) carries the digest of this older form.
+        stored = yaml.safe_load((self.path / "config.yaml").read_text()) or {}
+        self._stored_hash = _dict_hash(stored) if _is_subset(stored, to_dict(cfg)) else self.hash
         if meta is not None and not (self.path / "run.yaml").exists():
             with (self.path / "run.yaml").open("w") as f:
                 yaml.safe_dump(meta, f, sort_keys=False)
@@ -172,7 +186,7 @@ class Run:
             self._truncate_metrics(0)
             return None
         payload = load_checkpoint_file(self.checkpoint_path)
-        if payload["config_hash"] != self.hash:
+        if payload["config_hash"] not in (self.hash, self._stored_hash):
             raise CheckpointError(
                 f"{self.checkpoint_path} was written by a run with another config "
                 f"(digest {payload['config_hash']}, this config {self.hash}); resume with the "

@@ -158,6 +158,22 @@ def test_run_refuses_other_config_and_truncated_file(tmp_path):
         Run(tmp_path / "r", _Cfg()).load_checkpoint()
 
 
+@dataclass
+class _CfgWithNewField(_Cfg):
+    """``_Cfg`` after a release added a field with a default."""
+
+    decay: float = 0.5
+
+
+def test_run_resumes_a_checkpoint_from_before_a_config_field_was_added(tmp_path):
+    Run(tmp_path / "r", _Cfg(), tensorboard=False).save_checkpoint({"w": torch.ones(3)})
+    state = Run(tmp_path / "r", _CfgWithNewField(), tensorboard=False).load_checkpoint()
+    assert torch.equal(state["w"], torch.ones(3))
+    # a stored value that differs is still another config
+    with pytest.raises(CheckpointError, match="another config"):
+        Run(tmp_path / "r", _CfgWithNewField(steps=11), tensorboard=False).load_checkpoint()
+
+
 def test_checkpoint_never_unpickles_code(tmp_path):
     run = Run(tmp_path / "r", _Cfg())
     run.save_checkpoint({"ok": 1})
