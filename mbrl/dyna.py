@@ -805,7 +805,7 @@ def train(
         bar.close()
 
     write_learning_curves(run, label, cfg.seed, cfg.env, spec.solved_return)
-    return Summary.from_returns(evals, spec.solved_return, wall)
+    return Summary.from_returns(evals, spec.solved_return, wall, unit="evaluation")
 
 
 def write_learning_curves(

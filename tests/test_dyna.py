@@ -479,3 +479,11 @@ def test_cli_plot_names_a_folder_without_metrics(tmp_path, capsys):
     out = tmp_path / "cmp.png"
     assert cli.main(["plot", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "has no metrics.csv" in capsys.readouterr().err
+
+
+def test_dyna_summary_counts_evaluations_not_trials():
+    from mbrl.algorithms.common import Summary
+
+    text = Summary.from_returns([-900.0, -150.0], -200, 3.0, unit="evaluation").text("NAF")
+    assert "returns per evaluation [-900.0, -150.0]" in text
+    assert "first at evaluation 2" in text

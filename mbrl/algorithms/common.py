@@ -81,28 +81,34 @@ def progress_bar(total: int, desc: str) -> tqdm:
 class Summary:
     """How a run went, printed at its end."""
 
-    returns: tuple[float, ...]  # [trials] return of each learning episode
+    returns: tuple[float, ...]  # [points] return of each trial or evaluation
     solved_return: float | None
-    first_solved: int | None  # 1-based trial of the first solved episode
+    first_solved: int | None  # 1-based index of the first solved point
     wall_seconds: float
+    unit: str = "trial"  # what a point is: "trial" (MPC episodes) or "evaluation" (Dyna epochs)
 
     @classmethod
     def from_returns(
-        cls, returns: Sequence[float], solved_return: float | None, wall_seconds: float
+        cls,
+        returns: Sequence[float],
+        solved_return: float | None,
+        wall_seconds: float,
+        unit: str = "trial",
     ) -> Summary:
         first = None
         if solved_return is not None:
             first = next((i + 1 for i, r in enumerate(returns) if r >= solved_return), None)
-        return cls(tuple(float(r) for r in returns), solved_return, first, wall_seconds)
+        return cls(tuple(float(r) for r in returns), solved_return, first, wall_seconds, unit)
 
     def text(self, label: str) -> str:
         rets = ", ".join(f"{r:.1f}" for r in self.returns)
-        lines = [f"{label}: returns per trial [{rets}] in {self.wall_seconds:.0f} s"]
+        u = self.unit
+        lines = [f"{label}: returns per {u} [{rets}] in {self.wall_seconds:.0f} s"]
         if self.solved_return is not None:
             if self.first_solved is not None:
                 lines.append(
-                    f"solved: return >= {self.solved_return:g} first at trial {self.first_solved}"
+                    f"solved: return >= {self.solved_return:g} first at {u} {self.first_solved}"
                 )
             else:
-                lines.append(f"not solved: no trial reached {self.solved_return:g}")
+                lines.append(f"not solved: no {u} reached {self.solved_return:g}")
         return "\n".join(lines)
