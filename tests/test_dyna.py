@@ -10,6 +10,7 @@ import torch
 
 from mbrl import cli, envs
 from mbrl.algorithms import mbpo, mve
+from mbrl.algorithms.common import Summary
 from mbrl.buffer import ReplayBuffer
 from mbrl.config import ConfigError
 from mbrl.dyna import (
@@ -482,8 +483,6 @@ def test_cli_plot_names_a_folder_without_metrics(tmp_path, capsys):
 
 
 def test_dyna_summary_counts_evaluations_not_trials():
-    from mbrl.algorithms.common import Summary
-
     text = Summary.from_returns([-900.0, -150.0], -200, 3.0, unit="evaluation").text("NAF")
     assert "returns per evaluation [-900.0, -150.0]" in text
     assert "first at evaluation 2" in text
