@@ -273,7 +273,8 @@ def value_expansion_batch(
 
     Row 0 is the real transition ``(s_0, a_0, r_0, s_1)``; rows ``1..H`` are model steps from
     ``s_1`` under the learner's deterministic policy (``learner.act(..., deterministic=True)``;
-    TD3/DDPG and NAF evaluate their greedy policy), rewards from the model or ``reward_fn``.
+    TD3/DDPG and NAF evaluate their greedy policy), or with ``explore`` its exploration policy
+    (noise drawn from ``generator``); rewards from the model or ``reward_fn``.
     The bootstrap is ``learner.target_value(s_{H+1})``. With ``horizon = 0`` the targets are
     the learner's own one-step targets.
 
