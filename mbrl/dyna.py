@@ -493,13 +493,10 @@ def make_learner(
         "device": device,
         "seed": seed,
     }
-    x, u = spec.obs_dim, spec.act_dim
+    dims = (spec.obs_dim, spec.act_dim, low, high)
     if cfg.name == "sac":
         return SAC(
-            x,
-            u,
-            low,
-            high,
+            *dims,
             lr=cfg.lr,
             init_alpha=cfg.init_alpha,
             learn_alpha=cfg.learn_alpha,
@@ -509,12 +506,9 @@ def make_learner(
     if cfg.name in ("td3", "ddpg"):
         kw = {"actor_lr": cfg.lr, "critic_lr": cfg.lr, "exploration_noise": cfg.exploration_noise}
         if cfg.name == "ddpg":
-            return TD3.ddpg(x, u, low, high, **kw, **common)
+            return TD3.ddpg(*dims, **kw, **common)
         return TD3(
-            x,
-            u,
-            low,
-            high,
+            *dims,
             policy_delay=cfg.policy_delay,
             target_noise=cfg.target_noise,
             noise_clip=cfg.noise_clip,
@@ -523,10 +517,7 @@ def make_learner(
         )
     if cfg.name == "naf":
         return NAF(
-            x,
-            u,
-            low,
-            high,
+            *dims,
             lr=cfg.lr,
             exploration_noise=cfg.exploration_noise,
             diag_floor=cfg.diag_floor,
