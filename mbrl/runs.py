@@ -39,12 +39,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: corrupt, truncated, or from another config."""
 
 
-def config_hash(cfg: Any) -> str:
-    """A stable digest of a config dataclass (its plain-dict form)."""
-    return _dict_hash(to_dict(cfg))
-
-
 def _dict_hash(d: dict) -> str:
+    """A stable digest of a config's plain-dict form."""
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -76,15 +72,18 @@ class Run:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
-        self.hash = config_hash(cfg)
+        full = to_dict(cfg)
+        self.hash = _dict_hash(full)
         self.metrics_path = self.path / "metrics.csv"
         self.checkpoint_path = self.path / "checkpoint.pt"
         if not (self.path / "config.yaml").exists():
             save_config(cfg, self.path / "config.yaml")
-        # The config as this run first saved it: a checkpoint written before a config field was
-        # added (with a default) carries the digest of this older form.
+        # Digests a checkpoint of this config may carry: the current one, and that of the config
+        # as this run first saved it when a field was added (with a default) since.
         stored = yaml.safe_load((self.path / "config.yaml").read_text()) or {}
-        self._stored_hash = _dict_hash(stored) if _is_subset(stored, to_dict(cfg)) else self.hash
+        self._accepted_hashes = {self.hash}
+        if _is_subset(stored, full):
+            self._accepted_hashes.add(_dict_hash(stored))
         if meta is not None and not (self.path / "run.yaml").exists():
             with (self.path / "run.yaml").open("w") as f:
                 yaml.safe_dump(meta, f, sort_keys=False)
@@ -186,7 +185,7 @@ class Run:
             self._truncate_metrics(0)
             return None
         payload = load_checkpoint_file(self.checkpoint_path)
-        if payload["config_hash"] not in (self.hash, self._stored_hash):
+        if payload["config_hash"] not in self._accepted_hashes:
             raise CheckpointError(
                 f"{self.checkpoint_path} was written by a run with another config "
                 f"(digest {payload['config_hash']}, this config {self.hash}); resume with the "
