@@ -267,6 +267,7 @@ def value_expansion_batch(
     termination_fn: TerminationFn,
     generator: torch.Generator | None,
     explore: bool = False,
+    td_k: bool = True,
 ) -> ValueExpansionBatch:
     """MVE (Feinberg et al. 2018, Algorithm 1): imagine ``horizon`` steps after each real
     transition and give every state of the trajectory its ``H``-step target.
@@ -276,7 +277,8 @@ def value_expansion_batch(
     TD3/DDPG and NAF evaluate their greedy policy), or with ``explore`` its exploration policy
     (noise drawn from ``generator``); rewards from the model or ``reward_fn``.
     The bootstrap is ``learner.target_value(s_{H+1})``. With ``horizon = 0`` the targets are
-    the learner's own one-step targets.
+    the learner's own one-step targets. With ``td_k=False`` only row 0, the real transition
+    with its ``(H + 1)``-step target, is returned (the critic never sees imagined states).
 
     Raises:
         NonFiniteModelError: an imagined state or reward is NaN/inf.
@@ -299,6 +301,8 @@ def value_expansion_batch(
     obs, act, next_obs, reward, term = (torch.stack(c) for c in zip(*rows, strict=True))
     bootstrap = learner.target_value(next_obs[-1])  # [B]
     targets, valid = value_expansion_targets(reward, term, bootstrap, learner.gamma)
+    if not td_k:
+        return ValueExpansionBatch(real, targets[0], horizon)
     keep = valid.reshape(-1)  # [(H+1) * B]
     flat = Transitions(
         obs=obs.flatten(0, 1)[keep],
@@ -453,6 +457,9 @@ class MVEConfig:
     explore: bool = False
     """Imagine under the exploration policy (the learner's action noise) instead of the
     deterministic one, so the critic also sees actions off the policy at imagined states."""
+    td_k: bool = True
+    """Train the critic on every state of the imagined trajectory (the paper's TD-k trick);
+    false trains it on the real transition only, towards its ``(H + 1)``-step target."""
 
 
 @dataclass
@@ -737,6 +744,7 @@ def train(
                             spec.termination_fn,
                             gen,
                             explore=cfg.mve.explore,
+                            td_k=cfg.mve.td_k,
                         )
                         s = learner.update(vb.transitions, vb.target_q, actor_obs=real.obs)
                     else:

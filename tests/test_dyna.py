@@ -189,6 +189,17 @@ def test_mve_target_equals_hand_computed_h_step_target():
     assert torch.equal(vb.transitions.obs[len(real) : 2 * len(real)], real.next_obs)
 
 
+def test_mve_without_td_k_trains_on_the_real_row_only():
+    learner, model, real = td3(gamma=0.9), KnownModel(drift, 1, 1), real_batch()
+    full = value_expansion_batch(model, learner, real, 3, reward_fn, beyond_one, None)
+    only = value_expansion_batch(model, learner, real, 3, reward_fn, beyond_one, None, td_k=False)
+    assert len(only.transitions) == len(real)
+    assert torch.equal(only.transitions.obs, real.obs)
+    assert torch.equal(only.transitions.act, real.act)
+    # the real row keeps its (H + 1)-step target
+    assert torch.allclose(only.target_q, full.target_q[: len(real)])
+
+
 def test_mve_with_horizon_zero_is_the_one_step_target():
     learner, real = td3(gamma=0.9), real_batch()
     vb = value_expansion_batch(

@@ -10,6 +10,10 @@
             (the TD-k trick), and the actor on the real states s_0 only
     each epoch: evaluate the deterministic policy, log, checkpoint
 
+With ``mve.td_k=false`` the critic trains on the real transitions only, towards their
+``(H + 1)``-step targets y_0: the imagined states still shape the targets but never enter the
+critic's loss at the policy's own actions.
+
 The imagined steps use the ensemble's mean over elites (``model.propagation=expectation``), a
 deterministic model as in the paper. SAC is not offered: its soft targets would also need the
 imagined entropy terms.
