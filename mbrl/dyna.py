@@ -268,6 +268,7 @@ def value_expansion_batch(
     generator: torch.Generator | None,
     explore: bool = False,
     td_k: bool = True,
+    target_policy: bool = False,
 ) -> ValueExpansionBatch:
     """MVE (Feinberg et al. 2018, Algorithm 1): imagine ``horizon`` steps after each real
     transition and give every state of the trajectory its ``H``-step target.
@@ -275,7 +276,9 @@ def value_expansion_batch(
     Row 0 is the real transition ``(s_0, a_0, r_0, s_1)``; rows ``1..H`` are model steps from
     ``s_1`` under the learner's deterministic policy (``learner.act(..., deterministic=True)``;
     TD3/DDPG and NAF evaluate their greedy policy), or with ``explore`` its exploration policy
-    (noise drawn from ``generator``); rewards from the model or ``reward_fn``.
+    (noise drawn from ``generator``), or with ``target_policy`` the learner's target policy
+    (``learner.target_act``, the policy the bootstrap ``V'`` evaluates, so that every term of
+    the target follows one slowly moving policy); rewards from the model or ``reward_fn``.
     The bootstrap is ``learner.target_value(s_{H+1})``. With ``horizon = 0`` the targets are
     the learner's own one-step targets. With ``td_k=False`` only row 0, the real transition
     with its ``(H + 1)``-step target, is returned (the critic never sees imagined states).
@@ -285,13 +288,23 @@ def value_expansion_batch(
     """
     if horizon < 0:
         raise ValueError(f"MVE horizon must be >= 0, got {horizon}")
+    if target_policy and explore:
+        raise ValueError("MVE: explore and target_policy exclude each other; set one of them")
+    if target_policy and not hasattr(learner, "target_act"):
+        raise TypeError(
+            f"MVE target_policy needs a learner with target_act (td3, ddpg, naf); "
+            f"{type(learner).__name__} has none"
+        )
     rows = [_fields(real)]
     if horizon:
         state = model.rollout_start(real.next_obs, 1, generator)
         alive = ~real.terminated
         for t in range(horizon):
             obs = state.obs  # [B, X]
-            act = learner.act(obs, deterministic=not explore, generator=generator)  # [B, U]
+            if target_policy:
+                act = learner.target_act(obs)  # [B, U]
+            else:
+                act = learner.act(obs, deterministic=not explore, generator=generator)
             state = model.rollout_step(state, act, generator)
             reward = state.reward if model.learns_reward else reward_fn(obs, act, state.obs)
             _check_finite(state.obs, reward, alive, t)
@@ -457,6 +470,10 @@ class MVEConfig:
     explore: bool = False
     """Imagine under the exploration policy (the learner's action noise) instead of the
     deterministic one, so the critic also sees actions off the policy at imagined states."""
+    target_policy: bool = False
+    """Imagine under the learner's target policy ``pi'``, the one the bootstrap ``V'(s_{H+1})``
+    evaluates, instead of the online policy, so the whole target follows one slowly moving
+    policy (excludes ``explore``)."""
     td_k: bool = True
     """Train the critic on every state of the imagined trajectory (the paper's TD-k trick);
     false trains it on the real transition only, towards its ``(H + 1)``-step target."""
@@ -623,6 +640,11 @@ def train(
             "need total_steps >= 1, epoch_length >= 1, updates_per_step >= 0; got "
             f"{cfg.total_steps}, {cfg.epoch_length}, {cfg.updates_per_step}"
         )
+    if use == "mve" and cfg.mve.explore and cfg.mve.target_policy:
+        raise ConfigError(
+            "mve.explore and mve.target_policy both set: imagination follows one policy; "
+            "set one of them to false"
+        )
     if use != "none":
         m = cfg.model
         rows = int(min(cfg.start_steps, cfg.buffer_capacity) * (1 - m.val_fraction))
@@ -745,6 +767,7 @@ def train(
                             gen,
                             explore=cfg.mve.explore,
                             td_k=cfg.mve.td_k,
+                            target_policy=cfg.mve.target_policy,
                         )
                         s = learner.update(vb.transitions, vb.target_q, actor_obs=real.obs)
                     else:

@@ -240,6 +240,42 @@ def test_mve_imagines_under_the_exploration_policy_when_asked(explore):
     assert torch.allclose(imagined[1], greedy) != explore
 
 
+@pytest.mark.parametrize("name", ["td3", "naf"])
+def test_mve_imagines_under_the_target_policy_when_asked(name):
+    spec = envs.make("pendulum")
+    learner = make_learner(LearnerConfig(name=name, hidden_size=16), spec, torch.device("cpu"), 0)
+    # move the online policy away from the target policy
+    online = learner.actor if name == "td3" else learner.net
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(0.5)
+    g = torch.Generator().manual_seed(0)
+    obs = torch.rand(6, 3, generator=g) - 0.5
+    act = torch.rand(6, 1, generator=g) * 4 - 2
+    real = Transitions(obs, act, obs.clone(), torch.zeros(6), torch.zeros(6, dtype=torch.bool))
+    model = KnownModel(lambda x, u: x + 0.01 * u, 3, 1)
+    zero = lambda o: torch.zeros(len(o), dtype=torch.bool)  # noqa: E731
+    vb = value_expansion_batch(model, learner, real, 2, spec.reward_fn, zero, g, target_policy=True)
+    states, actions = vb.transitions.obs[len(real) :], vb.transitions.act[len(real) :]
+    assert torch.allclose(actions, learner.target_act(states))
+    assert not torch.allclose(actions, learner.act(states, deterministic=True), atol=1e-3)
+    assert actions.abs().max() <= 2.0  # env units
+
+
+def test_mve_target_policy_excludes_explore_and_needs_a_target_actor(tmp_path, capsys):
+    sac = make_learner(LearnerConfig(name="sac", hidden_size=16), envs.make("pendulum"), "cpu", 0)
+    model, real = KnownModel(drift, 1, 1), real_batch()
+    with pytest.raises(TypeError, match="needs a learner with target_act"):
+        value_expansion_batch(model, sac, real, 2, reward_fn, beyond_one, None, target_policy=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        value_expansion_batch(
+            model, td3(), real, 2, reward_fn, beyond_one, None, explore=True, target_policy=True
+        )
+    args = ["run", "mve", "mve.explore=true", "mve.target_policy=true", "--env", "pendulum"]
+    assert cli.main([*args, "--runs-dir", str(tmp_path)]) == 2
+    assert "mve.explore and mve.target_policy both set" in capsys.readouterr().err
+
+
 def _fitted_ensemble(propagation: str):
     cfg = ModelConfig(
         ensemble_size=3, num_elites=2, hidden_size=16, num_layers=2, max_epochs=2,

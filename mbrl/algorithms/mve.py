@@ -12,7 +12,9 @@
 
 With ``mve.td_k=false`` the critic trains on the real transitions only, towards their
 ``(H + 1)``-step targets y_0: the imagined states still shape the targets but never enter the
-critic's loss at the policy's own actions.
+critic's loss at the policy's own actions. With ``mve.target_policy=true`` the imagined steps
+follow the target policy ``pi'`` (the one the bootstrap ``V'`` evaluates) instead of the online
+policy, so the whole target estimates the value of one slowly moving policy.
 
 The imagined steps use the ensemble's mean over elites (``model.propagation=expectation``), a
 deterministic model as in the paper. SAC is not offered: its soft targets would also need the

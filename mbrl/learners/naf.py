@@ -138,6 +138,12 @@ class NAF:
         return a[0] if single else a
 
     @torch.no_grad()
+    def target_act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Env-unit actions ``mu'(s)`` ``[B, U]`` of the target network, the maximiser of
+        ``Q'(s, .)``."""
+        return self.scale.to_env(self._heads_of(self.net_target(obs)[0]).mu)
+
+    @torch.no_grad()
     def target_value(self, next_obs: torch.Tensor) -> torch.Tensor:
         """``V'(s') = max_a Q'(s', a)`` ``[B]`` of the target network."""
         return self.net_target(next_obs)[0][:, 0]

@@ -141,6 +141,11 @@ class TD3:
         return a[0] if single else a
 
     @torch.no_grad()
+    def target_act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Env-unit actions ``pi'(s)`` ``[B, U]`` of the target actor, without smoothing noise."""
+        return self.scale.to_env(torch.tanh(self.actor_target(obs)[0]))
+
+    @torch.no_grad()
     def target_value(self, next_obs: torch.Tensor) -> torch.Tensor:
         """``min_j Q'_j(s', clip(pi'(s') + eps, -1, 1))`` ``[B]`` with smoothing noise ``eps``."""
         a = torch.tanh(self.actor_target(next_obs)[0])  # [B, U]
