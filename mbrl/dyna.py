@@ -257,6 +257,9 @@ class ValueExpansionBatch:
     horizon: int  # H imagined steps
 
 
+IMAGINED_POLICIES = ("greedy", "explore", "target")
+
+
 @torch.no_grad()
 def value_expansion_batch(
     model: DynamicsModel,
@@ -266,19 +269,19 @@ def value_expansion_batch(
     reward_fn: RewardFn,
     termination_fn: TerminationFn,
     generator: torch.Generator | None,
-    explore: bool = False,
+    policy: str = "greedy",
     td_k: bool = True,
-    target_policy: bool = False,
 ) -> ValueExpansionBatch:
     """MVE (Feinberg et al. 2018, Algorithm 1): imagine ``horizon`` steps after each real
     transition and give every state of the trajectory its ``H``-step target.
 
     Row 0 is the real transition ``(s_0, a_0, r_0, s_1)``; rows ``1..H`` are model steps from
-    ``s_1`` under the learner's deterministic policy (``learner.act(..., deterministic=True)``;
-    TD3/DDPG and NAF evaluate their greedy policy), or with ``explore`` its exploration policy
-    (noise drawn from ``generator``), or with ``target_policy`` the learner's target policy
-    (``learner.target_act``, the policy the bootstrap ``V'`` evaluates, so that every term of
-    the target follows one slowly moving policy); rewards from the model or ``reward_fn``.
+    ``s_1`` under ``policy``: ``"greedy"``, the learner's deterministic policy
+    (``learner.act(..., deterministic=True)``; TD3/DDPG and NAF evaluate their greedy policy),
+    ``"explore"``, its exploration policy (noise drawn from ``generator``), or ``"target"``, its
+    target policy (``learner.target_act``, the policy the bootstrap ``V'`` evaluates, so that
+    every term of the target follows one slowly moving policy); rewards from the model or
+    ``reward_fn``.
     The bootstrap is ``learner.target_value(s_{H+1})``. With ``horizon = 0`` the targets are
     the learner's own one-step targets. With ``td_k=False`` only row 0, the real transition
     with its ``(H + 1)``-step target, is returned (the critic never sees imagined states).
@@ -288,9 +291,11 @@ def value_expansion_batch(
     """
     if horizon < 0:
         raise ValueError(f"MVE horizon must be >= 0, got {horizon}")
-    if target_policy and explore:
-        raise ValueError("MVE: explore and target_policy exclude each other; set one of them")
-    if target_policy and not hasattr(learner, "target_act"):
+    if policy not in IMAGINED_POLICIES:
+        raise ValueError(
+            f"MVE imagined policy {policy!r} is unknown; valid: {', '.join(IMAGINED_POLICIES)}"
+        )
+    if policy == "target" and not hasattr(learner, "target_act"):
         raise TypeError(
             f"MVE target_policy needs a learner with target_act (td3, ddpg, naf); "
             f"{type(learner).__name__} has none"
@@ -301,10 +306,10 @@ def value_expansion_batch(
         alive = ~real.terminated
         for t in range(horizon):
             obs = state.obs  # [B, X]
-            if target_policy:
+            if policy == "target":
                 act = learner.target_act(obs)  # [B, U]
             else:
-                act = learner.act(obs, deterministic=not explore, generator=generator)
+                act = learner.act(obs, deterministic=policy == "greedy", generator=generator)
             state = model.rollout_step(state, act, generator)
             reward = state.reward if model.learns_reward else reward_fn(obs, act, state.obs)
             _check_finite(state.obs, reward, alive, t)
@@ -479,6 +484,20 @@ class MVEConfig:
     false trains it on the real transition only, towards its ``(H + 1)``-step target."""
 
 
+def imagined_policy(cfg: MVEConfig) -> str:
+    """The :func:`value_expansion_batch` policy that ``cfg``'s flags name.
+
+    Raises:
+        ConfigError: both ``explore`` and ``target_policy`` set.
+    """
+    if cfg.explore and cfg.target_policy:
+        raise ConfigError(
+            "mve.explore and mve.target_policy both set: imagination follows one policy; "
+            "set one of them to false"
+        )
+    return "explore" if cfg.explore else "target" if cfg.target_policy else "greedy"
+
+
 @dataclass
 class DynaConfig:
     """What every Dyna-style run needs: env, budget, learner, schedule."""
@@ -640,11 +659,7 @@ def train(
             "need total_steps >= 1, epoch_length >= 1, updates_per_step >= 0; got "
             f"{cfg.total_steps}, {cfg.epoch_length}, {cfg.updates_per_step}"
         )
-    if use == "mve" and cfg.mve.explore and cfg.mve.target_policy:
-        raise ConfigError(
-            "mve.explore and mve.target_policy both set: imagination follows one policy; "
-            "set one of them to false"
-        )
+    imagined = imagined_policy(cfg.mve) if use == "mve" else "greedy"
     if use != "none":
         m = cfg.model
         rows = int(min(cfg.start_steps, cfg.buffer_capacity) * (1 - m.val_fraction))
@@ -765,9 +780,8 @@ def train(
                             spec.reward_fn,
                             spec.termination_fn,
                             gen,
-                            explore=cfg.mve.explore,
+                            policy=imagined,
                             td_k=cfg.mve.td_k,
-                            target_policy=cfg.mve.target_policy,
                         )
                         s = learner.update(vb.transitions, vb.target_q, actor_obs=real.obs)
                     else:

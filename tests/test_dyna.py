@@ -19,9 +19,11 @@ from mbrl.dyna import (
     LearnerConfig,
     ModelBuffer,
     ModelConfig,
+    MVEConfig,
     NonFiniteModelError,
     branched_rollout,
     check_learner_stats,
+    imagined_policy,
     make_learner,
     make_model,
     mixed_batch,
@@ -234,7 +236,8 @@ def test_mve_drops_states_after_termination():
 def test_mve_imagines_under_the_exploration_policy_when_asked(explore):
     learner, real = td3(exploration_noise=0.3), real_batch()
     model, g = KnownModel(drift, 1, 1), torch.Generator().manual_seed(0)
-    vb = value_expansion_batch(model, learner, real, 2, reward_fn, beyond_one, g, explore=explore)
+    policy = "explore" if explore else "greedy"
+    vb = value_expansion_batch(model, learner, real, 2, reward_fn, beyond_one, g, policy=policy)
     imagined = vb.transitions.obs[len(real) :], vb.transitions.act[len(real) :]
     greedy = learner.act(imagined[0], deterministic=True)
     assert torch.allclose(imagined[1], greedy) != explore
@@ -255,7 +258,7 @@ def test_mve_imagines_under_the_target_policy_when_asked(name):
     real = Transitions(obs, act, obs.clone(), torch.zeros(6), torch.zeros(6, dtype=torch.bool))
     model = KnownModel(lambda x, u: x + 0.01 * u, 3, 1)
     zero = lambda o: torch.zeros(len(o), dtype=torch.bool)  # noqa: E731
-    vb = value_expansion_batch(model, learner, real, 2, spec.reward_fn, zero, g, target_policy=True)
+    vb = value_expansion_batch(model, learner, real, 2, spec.reward_fn, zero, g, policy="target")
     states, actions = vb.transitions.obs[len(real) :], vb.transitions.act[len(real) :]
     assert torch.allclose(actions, learner.target_act(states))
     assert not torch.allclose(actions, learner.act(states, deterministic=True), atol=1e-3)
@@ -266,11 +269,12 @@ def test_mve_target_policy_excludes_explore_and_needs_a_target_actor(tmp_path, c
     sac = make_learner(LearnerConfig(name="sac", hidden_size=16), envs.make("pendulum"), "cpu", 0)
     model, real = KnownModel(drift, 1, 1), real_batch()
     with pytest.raises(TypeError, match="needs a learner with target_act"):
-        value_expansion_batch(model, sac, real, 2, reward_fn, beyond_one, None, target_policy=True)
-    with pytest.raises(ValueError, match="exclude each other"):
-        value_expansion_batch(
-            model, td3(), real, 2, reward_fn, beyond_one, None, explore=True, target_policy=True
-        )
+        value_expansion_batch(model, sac, real, 2, reward_fn, beyond_one, None, policy="target")
+    with pytest.raises(ValueError, match="valid: greedy, explore, target"):
+        value_expansion_batch(model, td3(), real, 2, reward_fn, beyond_one, None, policy="noisy")
+    with pytest.raises(ConfigError, match="both set"):
+        imagined_policy(MVEConfig(explore=True, target_policy=True))
+    assert imagined_policy(MVEConfig(target_policy=True)) == "target"
     args = ["run", "mve", "mve.explore=true", "mve.target_policy=true", "--env", "pendulum"]
     assert cli.main([*args, "--runs-dir", str(tmp_path)]) == 2
     assert "mve.explore and mve.target_policy both set" in capsys.readouterr().err
