@@ -340,3 +340,42 @@ def test_naf_curvature_never_falls_below_the_floor():
     h = learner.heads(batch().obs)
     diag = torch.diagonal(h.L, dim1=1, dim2=2)
     assert (diag >= 0.25).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ignored_obs_are_never_read(kind):
+    """With ``ignored_obs=(0,)`` actions and updates do not depend on feature 0."""
+    a, b = make(kind, ignored_obs=(0,)), make(kind, ignored_obs=(0,))
+    data = batch()
+    shifted = Transitions(
+        obs=data.obs + torch.tensor([5.0, 0.0, 0.0]),
+        act=data.act,
+        next_obs=data.next_obs - torch.tensor([3.0, 0.0, 0.0]),
+        reward=data.reward,
+        terminated=data.terminated,
+    )
+    torch.testing.assert_close(
+        a.act(data.obs, deterministic=True), a.act(shifted.obs, deterministic=True)
+    )
+    # targets (sampled for SAC and TD3) are compared through updates from the same seed
+    stats_a = [a.update(data) for _ in range(3)]
+    stats_b = [b.update(shifted) for _ in range(3)]
+    assert same_stats(stats_a, stats_b)
+    # and without ignored_obs the shift does change what the learner does
+    c = make(kind)
+    assert not torch.allclose(
+        c.act(data.obs, deterministic=True), c.act(shifted.obs, deterministic=True)
+    )
+
+
+def test_observation_inputs_keep_the_rest_and_refuse_bad_indices():
+    from mbrl.learners.networks import observation_inputs
+
+    assert observation_inputs(3, 2, ()) == (None, None)
+    assert observation_inputs(3, 2, (0,)) == ([1, 2], [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="indices in"):
+        observation_inputs(3, 2, (3,))
+    with pytest.raises(ValueError, match="every observation feature"):
+        observation_inputs(2, 1, (0, 1))
+    with pytest.raises(ValueError, match="inputs must be"):
+        EnsembleMLP(1, 3, 1, 8, 1, inputs=[4])

@@ -23,6 +23,7 @@ in the loss.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,14 @@ import torch
 
 from mbrl.dynamics.base import Transitions
 from mbrl.learners.base import check_rates, one_step_target
-from mbrl.learners.networks import ActionScale, EnsembleMLP, as_batch, frozen_copy, soft_update
+from mbrl.learners.networks import (
+    ActionScale,
+    EnsembleMLP,
+    as_batch,
+    frozen_copy,
+    observation_inputs,
+    soft_update,
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class NAF:
         diag_floor: lower bound of ``L``'s diagonal (``P >= diag_floor^2 I``); must be > 0.
         device: where networks and batches live.
         seed: seeds weight initialisation and the learner's own generator.
+        ignored_obs: observation features the networks never read, e.g. an absolute x
+            position that neither the dynamics nor the value depend on.
     """
 
     def __init__(
@@ -74,6 +84,7 @@ class NAF:
         diag_floor: float = 0.1,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        ignored_obs: Sequence[int] = (),
     ) -> None:
         check_rates(gamma, tau)
         if not diag_floor > 0:
@@ -91,7 +102,10 @@ class NAF:
         self._diag = rows == cols  # [U(U+1)/2]
         n_out = 1 + act_dim + rows.numel()
         init = torch.Generator().manual_seed(seed)
-        self.net = EnsembleMLP(1, obs_dim, n_out, hidden_size, num_layers, init).to(self.device)
+        obs_in, _ = observation_inputs(obs_dim, act_dim, ignored_obs)
+        self.net = EnsembleMLP(1, obs_dim, n_out, hidden_size, num_layers, init, obs_in).to(
+            self.device
+        )
         self.net_target = frozen_copy(self.net)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.generator = torch.Generator(self.device).manual_seed(seed + 1)

@@ -10,6 +10,7 @@ layer, so members are never looped over in Python. Initialisation draws from an 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -41,7 +42,9 @@ class EnsembleMLP(nn.Module):
     """``E`` MLPs with ``num_layers`` hidden layers of ``hidden_size`` ReLU units.
 
     ``forward(x)`` takes ``x [B, in]`` (shared by all members) or ``x [E, B, in]`` and returns
-    ``[E, B, out]``. Built on CPU from ``generator``; move it with ``.to(device)``.
+    ``[E, B, out]``. With ``inputs``, the first layer reads only those features of ``x`` (in that
+    order); the others are never seen. Built on CPU from ``generator``; move it with
+    ``.to(device)``.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class EnsembleMLP(nn.Module):
         hidden_size: int,
         num_layers: int,
         generator: torch.Generator | None = None,
+        inputs: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if members < 1 or num_layers < 0 or hidden_size < 1:
@@ -60,7 +64,19 @@ class EnsembleMLP(nn.Module):
                 f"members={members}, num_layers={num_layers}, hidden_size={hidden_size}"
             )
         self.members = members
-        sizes = [in_dim] + [hidden_size] * num_layers + [out_dim]
+        self.in_dim = in_dim
+        if inputs is not None:
+            inputs = list(inputs)
+            if not inputs or not all(0 <= i < in_dim for i in inputs):
+                raise ValueError(
+                    f"inputs must be a non-empty list of feature indices in [0, {in_dim}), "
+                    f"got {inputs}"
+                )
+            self.register_buffer("inputs", torch.tensor(inputs), persistent=False)
+        else:
+            self.inputs = None
+        read = in_dim if inputs is None else len(inputs)
+        sizes = [read] + [hidden_size] * num_layers + [out_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(EnsembleLinear(members, a, b, generator))
@@ -69,6 +85,8 @@ class EnsembleMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inputs is not None:
+            x = x.index_select(-1, self.inputs)  # [..., len(inputs)]
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.members, -1, -1)  # [E, B, in]
         return self.net(x)
@@ -141,3 +159,26 @@ def as_batch(
     if x.dim() != 2 or x.shape[-1] != obs_dim:
         raise ValueError(f"obs: expected [B, X={obs_dim}] or [X={obs_dim}], got {list(x.shape)}")
     return x, single
+
+
+def observation_inputs(
+    obs_dim: int, act_dim: int, ignored_obs: Sequence[int]
+) -> tuple[list[int] | None, list[int] | None]:
+    """The feature indices an actor (reading ``obs [X]``) and a critic (reading
+    ``[obs, act] [X + U]``) keep when the observation features ``ignored_obs`` are hidden from
+    them; ``(None, None)`` (read everything) when none are.
+
+    Raises:
+        ValueError: an index outside ``[0, X)``, or every observation feature ignored.
+    """
+    ignored = sorted(set(ignored_obs))
+    if not ignored:
+        return None, None
+    if not all(0 <= i < obs_dim for i in ignored):
+        raise ValueError(
+            f"ignored_obs must be indices in [0, X={obs_dim}), got {list(ignored_obs)}"
+        )
+    kept = [i for i in range(obs_dim) if i not in ignored]
+    if not kept:
+        raise ValueError(f"ignored_obs={list(ignored_obs)} hides every observation feature")
+    return kept, kept + [obs_dim + j for j in range(act_dim)]

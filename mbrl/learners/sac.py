@@ -16,6 +16,7 @@ Soft Bellman target (Eq. 3, with the clipped double-Q of Section 6):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,14 @@ import torch.nn.functional as F
 
 from mbrl.dynamics.base import Transitions
 from mbrl.learners.base import check_rates, one_step_target
-from mbrl.learners.networks import ActionScale, EnsembleMLP, as_batch, frozen_copy, soft_update
+from mbrl.learners.networks import (
+    ActionScale,
+    EnsembleMLP,
+    as_batch,
+    frozen_copy,
+    observation_inputs,
+    soft_update,
+)
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
@@ -61,6 +69,8 @@ class SAC:
         device: where networks and batches live.
         seed: seeds weight initialisation and the learner's own generator (sampling in
             ``update`` and ``target_value``).
+        ignored_obs: observation features the networks never read, e.g. an absolute x
+            position that neither the dynamics nor the value depend on.
     """
 
     def __init__(
@@ -79,6 +89,7 @@ class SAC:
         target_entropy: float | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        ignored_obs: Sequence[int] = (),
     ) -> None:
         check_rates(gamma, tau)
         if init_alpha <= 0:
@@ -88,12 +99,13 @@ class SAC:
         self.device = torch.device(device)
         self.scale = ActionScale(action_low, action_high, act_dim, self.device)
         init = torch.Generator().manual_seed(seed)
-        self.actor = EnsembleMLP(1, obs_dim, 2 * act_dim, hidden_size, num_layers, init).to(
+        obs_in, critic_in = observation_inputs(obs_dim, act_dim, ignored_obs)
+        self.actor = EnsembleMLP(1, obs_dim, 2 * act_dim, hidden_size, num_layers, init, obs_in).to(
             self.device
         )
-        self.critic = EnsembleMLP(2, obs_dim + act_dim, 1, hidden_size, num_layers, init).to(
-            self.device
-        )
+        self.critic = EnsembleMLP(
+            2, obs_dim + act_dim, 1, hidden_size, num_layers, init, critic_in
+        ).to(self.device)
         self.critic_target = frozen_copy(self.critic)
         self.log_alpha = torch.tensor(math.log(init_alpha), device=self.device, requires_grad=True)
         self.learn_alpha = learn_alpha

@@ -14,13 +14,21 @@ exploration adds ``N(0, exploration_noise^2)`` in that unit box and clips.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from mbrl.dynamics.base import Transitions
 from mbrl.learners.base import check_rates, one_step_target
-from mbrl.learners.networks import ActionScale, EnsembleMLP, as_batch, frozen_copy, soft_update
+from mbrl.learners.networks import (
+    ActionScale,
+    EnsembleMLP,
+    as_batch,
+    frozen_copy,
+    observation_inputs,
+    soft_update,
+)
 
 
 class TD3:
@@ -42,6 +50,8 @@ class TD3:
         exploration_noise: std of the Gaussian exploration noise in the unit box (0.1).
         device: where networks and batches live.
         seed: seeds weight initialisation and the learner's own generator.
+        ignored_obs: observation features the networks never read, e.g. an absolute x
+            position that neither the dynamics nor the value depend on.
     """
 
     def __init__(
@@ -63,6 +73,7 @@ class TD3:
         exploration_noise: float = 0.1,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        ignored_obs: Sequence[int] = (),
     ) -> None:
         if num_critics < 1 or policy_delay < 1 or target_noise < 0 or noise_clip < 0:
             raise ValueError(
@@ -78,9 +89,12 @@ class TD3:
         self.device = torch.device(device)
         self.scale = ActionScale(action_low, action_high, act_dim, self.device)
         init = torch.Generator().manual_seed(seed)
-        self.actor = EnsembleMLP(1, obs_dim, act_dim, hidden_size, num_layers, init).to(self.device)
+        obs_in, critic_in = observation_inputs(obs_dim, act_dim, ignored_obs)
+        self.actor = EnsembleMLP(1, obs_dim, act_dim, hidden_size, num_layers, init, obs_in).to(
+            self.device
+        )
         self.critic = EnsembleMLP(
-            num_critics, obs_dim + act_dim, 1, hidden_size, num_layers, init
+            num_critics, obs_dim + act_dim, 1, hidden_size, num_layers, init, critic_in
         ).to(self.device)
         self.actor_target = frozen_copy(self.actor)
         self.critic_target = frozen_copy(self.critic)
