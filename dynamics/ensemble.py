@@ -113,6 +113,10 @@ class ProbabilisticEnsemble(nn.Module):
             rollouts still return float32 observations. Settable; takes effect at the next
             :meth:`rollout_start`. bfloat16 pays off only where matmuls run natively in it
             (GPUs, CPUs with AVX512-BF16/AMX); on CPUs without it, it is many times slower.
+        ignored_obs: observation features the network never reads, e.g. an absolute x
+            position the dynamics do not depend on; their change is still predicted. Their
+            input std is held at ``inf``, so they normalize to 0 and the first layer gets
+            nothing from them.
         device: where parameters live (``None``: CPU).
         seed: seeds the model's own ``torch.Generator`` (CPU), used for the initial weights,
             the validation split, bootstraps and minibatch shuffles.
@@ -140,6 +144,7 @@ class ProbabilisticEnsemble(nn.Module):
         planning_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         seed: int = 0,
+        ignored_obs: Sequence[int] = (),
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -169,6 +174,11 @@ class ProbabilisticEnsemble(nn.Module):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         decays = _layer_decays(weight_decay, num_layers)
+        ignored = sorted(set(ignored_obs))
+        if not all(0 <= i < obs_dim for i in ignored):
+            raise ValueError(
+                f"ignored_obs must be indices in [0, obs_dim={obs_dim}), got {list(ignored_obs)}"
+            )
 
         self.obs_dim = obs_dim
         self.act_dim = act_dim
@@ -185,6 +195,7 @@ class ProbabilisticEnsemble(nn.Module):
         self.bootstrap = bootstrap
         self.activation = activation
         self.in_dim = obs_dim + act_dim
+        self.ignored_obs = tuple(ignored)
         self.out_dim = obs_dim + int(learns_reward)  # D
         self._act, self._act_inplace = _ACT_FNS[activation]
         self._reward_of: Callable[[torch.Tensor], torch.Tensor | None] = (
@@ -216,6 +227,7 @@ class ProbabilisticEnsemble(nn.Module):
         # Normalizer statistics (re-fitted by every fit) and elites travel in the state dict.
         self.register_buffer("in_mu", torch.zeros(self.in_dim, device=device))  # [X + U]
         self.register_buffer("in_std", torch.ones(self.in_dim, device=device))  # [X + U]
+        self.in_std[list(self.ignored_obs)] = math.inf
         self.register_buffer("out_mu", torch.zeros(d, device=device))  # [D]
         self.register_buffer("out_std", torch.ones(d, device=device))  # [D]
         self.register_buffer("elites", torch.arange(num_elites, device=device))  # [E_el] long
@@ -433,6 +445,7 @@ class ProbabilisticEnsemble(nn.Module):
             s = t.std(dim=0) if t.shape[0] > 1 else torch.ones_like(std)
             mu.copy_(t.mean(dim=0))
             std.copy_(torch.where(s < _STD_FLOOR, torch.ones_like(s), s))
+        self.in_std[list(self.ignored_obs)] = math.inf  # normalized to 0: never read
 
     def _normalized(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (x - self.in_mu) / self.in_std, (y - self.out_mu) / self.out_std

@@ -353,3 +353,27 @@ def test_bfloat16_planning_close_to_float32_and_in_planning_problem():
     )  # fmt: skip
     returns = problem.evaluate(data.obs[0], torch.rand(6, 4, 2) * 2 - 1)
     assert returns.shape == (6,) and bool(torch.isfinite(returns).all())
+
+
+def test_ignored_obs_are_never_read_but_still_predicted():
+    """A translation-invariant coordinate left out of the inputs: shifting it shifts the
+    predicted next observation by the same amount, in ``predict`` and in rollouts."""
+    data = _transitions(200, 3, 2)
+    m = ProbabilisticEnsemble(3, 2, ensemble_size=3, hidden_size=32, num_layers=2,
+                              max_epochs=5, learns_reward=True, propagation="expectation",
+                              ignored_obs=(0,))  # fmt: skip
+    m.fit(data)
+    assert math.isinf(m.in_std[0]) and math.isfinite(m.in_std[1:].sum())
+    shift = torch.tensor([7.0, 0.0, 0.0])
+    obs, act = data.obs[:16], data.act[:16]
+    p, q = m.predict(obs, act), m.predict(obs + shift, act)
+    torch.testing.assert_close(q.mean, p.mean + shift)
+    torch.testing.assert_close(q.var, p.var)
+    torch.testing.assert_close(q.reward_mean, p.reward_mean)
+    s = m.rollout_step(m.rollout_start(obs, 1, None), act, None)
+    t = m.rollout_step(m.rollout_start(obs + shift, 1, None), act, None)
+    torch.testing.assert_close(t.obs, s.obs + shift)
+    # the change of the ignored coordinate is learned, not dropped
+    assert m.predict(obs, act).mean[:, 0].sub(obs[:, 0]).abs().max() > 0
+    with pytest.raises(ValueError, match="ignored_obs"):
+        ProbabilisticEnsemble(3, 2, ignored_obs=(3,))
