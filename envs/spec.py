@@ -43,6 +43,11 @@ class EnvSpec:
     description: str = ""
     solved_return: float | None = None  # an episode return at or above this counts as solved
     dynamics: Any = None  # analytic systems: differentiable torch dynamics and a casadi twin
+    position_obs: tuple[int, ...] = ()
+    """Observation features that neither the dynamics nor the optimal value depend on: an
+    absolute position kept in the observation only so that ``reward_fn`` can score progress
+    (HalfCheetah's and Hopper's x). Learners and Dyna models may leave them out of their
+    inputs, as the observations of the SAC and MBPO papers do."""
 
     def make(self, **kwargs: Any) -> gym.Env:
         """A new gymnasium env (time limit included)."""

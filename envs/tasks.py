@@ -267,6 +267,7 @@ def _half_cheetah() -> EnvSpec:
         reward_fn=half_cheetah_reward,
         termination_fn=never_terminates,
         description="Gymnasium HalfCheetah-v5 with x in obs[0]: run forward, 0.1 control cost.",
+        position_obs=(0,),
         solved_return=4800.0,
     )
 
@@ -284,6 +285,7 @@ def _hopper() -> EnvSpec:
         reward_fn=hopper_reward,
         termination_fn=hopper_termination,
         description="Gymnasium Hopper-v5 with x in obs[0]: hop forward without falling.",
+        position_obs=(0,),
         solved_return=3800.0,
     )
 

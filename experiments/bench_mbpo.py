@@ -77,7 +77,8 @@ def main() -> None:
         obs = nxt if not (term or trunc) else env.reset()[0]
     env_step_s = (time.perf_counter() - start) / args.real_steps
 
-    learner = make_learner(cfg.learner, spec, dev, 0)
+    hidden = spec.position_obs if cfg.ignore_positions else ()
+    learner = make_learner(cfg.learner, spec, dev, 0, hidden)
     x = torch.as_tensor(obs, dtype=torch.float32, device=dev)
     act_s = _best(lambda: [learner.act(x, generator=gen) for _ in range(100)], args.repeats) / 100
 
@@ -85,7 +86,7 @@ def main() -> None:
     learner.update(batches[0])  # warm-up
     update_s = _best(lambda: [learner.update(b) for b in batches], args.repeats) / args.updates
 
-    model = make_model(cfg.model, spec, dev, 0)
+    model = make_model(cfg.model, spec, dev, 0, hidden)
     data = buffer.all()
     start = time.perf_counter()
     report = model.fit(data)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -520,13 +520,22 @@ class DynaConfig:
     """Deterministic-policy episodes at the end of each epoch."""
     q_limit: float = 1e6
     """Stop with an error when |Q| exceeds this (a diverging critic)."""
+    ignore_positions: bool = True
+    """Learner and model do not read the env's position features (``EnvSpec.position_obs``:
+    HalfCheetah's and Hopper's x, in the observation only for the reward), as in the SAC and
+    MBPO papers' observations; the model still predicts their change."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
 
 
 def make_learner(
-    cfg: LearnerConfig, spec: envs.EnvSpec, device: torch.device, seed: int
+    cfg: LearnerConfig,
+    spec: envs.EnvSpec,
+    device: torch.device,
+    seed: int,
+    ignored_obs: Sequence[int] = (),
 ) -> Learner:
-    """The learner a :class:`LearnerConfig` describes, for the env ``spec``."""
+    """The learner a :class:`LearnerConfig` describes, for the env ``spec``, its networks blind
+    to the observation features ``ignored_obs``."""
     low, high = spec.action_bounds(device)
     common = {
         "hidden_size": cfg.hidden_size,
@@ -535,6 +544,7 @@ def make_learner(
         "tau": cfg.tau,
         "device": device,
         "seed": seed,
+        "ignored_obs": tuple(ignored_obs),
     }
     dims = (spec.obs_dim, spec.act_dim, low, high)
     if cfg.name == "sac":
@@ -580,10 +590,14 @@ DYNA_PROPAGATIONS = ("ts1", "expectation")
 
 
 def make_model(
-    cfg: ModelConfig, spec: envs.EnvSpec, device: torch.device, seed: int
+    cfg: ModelConfig,
+    spec: envs.EnvSpec,
+    device: torch.device,
+    seed: int,
+    ignored_obs: Sequence[int] = (),
 ) -> ProbabilisticEnsemble:
     """The ensemble a :class:`ModelConfig` describes, stepping imagined states with
-    ``cfg.propagation``.
+    ``cfg.propagation`` and blind to the observation features ``ignored_obs``.
 
     Raises:
         ConfigError: a propagation other than ``ts1`` or ``expectation``.
@@ -610,6 +624,7 @@ def make_model(
         val_fraction=cfg.val_fraction,
         device=device,
         seed=seed,
+        ignored_obs=ignored_obs,
     )
 
 
@@ -673,12 +688,13 @@ def train(
     spec = envs.make(cfg.env)
     env, eval_env = spec.make(), spec.make()
     x_dim, u_dim = spec.obs_dim, spec.act_dim
-    learner = make_learner(cfg.learner, spec, dev, cfg.seed)
+    hidden = spec.position_obs if cfg.ignore_positions else ()
+    learner = make_learner(cfg.learner, spec, dev, cfg.seed, hidden)
     buffer = ReplayBuffer(x_dim, u_dim, cfg.buffer_capacity, dev)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed + 2)  # batches and rollouts
     act_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 3)  # exploration in the env
     rng = np.random.default_rng(cfg.seed)  # uniform random actions
-    model = make_model(cfg.model, spec, dev, cfg.seed + 1) if use != "none" else None
+    model = make_model(cfg.model, spec, dev, cfg.seed + 1, hidden) if use != "none" else None
     model_buffer = ModelBuffer(x_dim, u_dim, 1, dev) if use == "branch" else None
     explore = LearnerPolicy(learner, deterministic=False, generator=act_gen)
 

@@ -537,3 +537,20 @@ def test_dyna_summary_counts_evaluations_not_trials():
     text = Summary.from_returns([-900.0, -150.0], -200, 3.0, unit="evaluation").text("NAF")
     assert "returns per evaluation [-900.0, -150.0]" in text
     assert "first at evaluation 2" in text
+
+
+@pytest.mark.parametrize("ignore, actor_in", [(True, 11), (False, 12)])
+def test_learner_and_model_leave_out_hoppers_x(tmp_path, ignore, actor_in):
+    """``ignore_positions`` (default on) hides Hopper's x, ``EnvSpec.position_obs``, from the
+    SAC networks and the model inputs, through the CLI and into the checkpoint."""
+    from mbrl.runs import load_checkpoint_file
+
+    args = ["run", "mbpo", *TINY, *TINY_MODEL, "branch.rollout_batch_size=16",
+            f"ignore_positions={str(ignore).lower()}", "--env", "hopper",
+            "--runs-dir", str(tmp_path), "--name", "h"]  # fmt: skip
+    assert cli.main(args) == 0
+    state = load_checkpoint_file(tmp_path / "h" / "checkpoint.pt")["state"]
+    assert state["learner"]["actor"]["net.0.weight"].shape[1] == actor_in
+    assert state["learner"]["critic"]["net.0.weight"].shape[1] == actor_in + 3
+    x_std = float(state["model"]["in_std"][0])  # inf: the model's first layer never reads x
+    assert math.isinf(x_std) == ignore

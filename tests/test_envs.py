@@ -256,3 +256,30 @@ def test_fns_stay_on_the_inputs_device_and_dtype(name: str) -> None:
     assert reward.device.type == "meta" and reward.shape == (5,)
     assert reward.dtype == torch.float32
     assert term.device.type == "meta" and term.shape == (5,) and term.dtype == torch.bool
+
+
+@pytest.mark.parametrize("name", ["half-cheetah", "hopper"])
+def test_position_obs_do_not_change_the_dynamics(name: str) -> None:
+    """``EnvSpec.position_obs`` are features the simulation is invariant to: the same state
+    moved along x steps to the same next state moved along x, with the same reward."""
+    spec = mbrl.envs.make(name)
+    assert spec.position_obs == (0,)
+    a, b = spec.make(), spec.make()
+    a.reset(seed=0)
+    b.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # leave the initial pose
+        act = rng.uniform(spec.action_low, spec.action_high)
+        a.step(act)
+    qpos, qvel = a.unwrapped.data.qpos.copy(), a.unwrapped.data.qvel.copy()
+    moved = qpos.copy()
+    moved[0] += 3.0
+    b.unwrapped.set_state(moved, qvel)
+    act = rng.uniform(spec.action_low, spec.action_high)
+    na, ra, *_ = a.step(act)
+    nb, rb, *_ = b.step(act)
+    np.testing.assert_allclose(nb[1:], na[1:], atol=1e-9)
+    np.testing.assert_allclose(nb[0], na[0] + 3.0, atol=1e-9)
+    assert math.isclose(ra, rb, abs_tol=1e-9)
+    a.close()
+    b.close()
