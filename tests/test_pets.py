@@ -159,3 +159,17 @@ def test_resume_refuses_a_truncated_checkpoint(tmp_path, capsys):
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     assert cli.main(["resume", str(tmp_path / "t")]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, ignore, blind", [("half-cheetah", True, True),
+                                                ("half-cheetah", False, False),
+                                                ("cartpole-balance", True, False)])  # fmt: skip
+def test_pets_model_leaves_out_the_position_features(env, ignore, blind):
+    from mbrl import envs
+    from mbrl.algorithms import pets
+
+    cfg = pets.Config(env=env)
+    cfg.model.ignore_positions = ignore
+    model = pets.build_model(cfg, envs.make(env), torch.device("cpu"))
+    assert bool(torch.isinf(model.in_std).any()) == blind
+    assert model.ignored_obs == ((0,) if blind else ())
