@@ -168,8 +168,7 @@ def test_pets_model_leaves_out_the_position_features(env, ignore, blind):
     from mbrl import envs
     from mbrl.algorithms import pets
 
-    cfg = pets.Config(env=env)
-    cfg.model.ignore_positions = ignore
+    cfg = pets.Config(env=env, ignore_positions=ignore)
     model = pets.build_model(cfg, envs.make(env), torch.device("cpu"))
     assert bool(torch.isinf(model.in_std).any()) == blind
     assert model.ignored_obs == ((0,) if blind else ())

@@ -51,10 +51,6 @@ class EnsembleConfig:
     """Particle propagation: ts1, ts_inf or expectation."""
     planning_dtype: str = "float32"
     """Dtype of the MLP during planning rollouts: float32 or bfloat16."""
-    ignore_positions: bool = True
-    """Leave the env's position features (``EnvSpec.position_obs``: HalfCheetah's and Hopper's
-    x) out of the model inputs, as PETS's own HalfCheetah observation does; their change is
-    still predicted, so the reward can score forward progress."""
 
 
 @dataclass
@@ -69,6 +65,10 @@ class Config(MPCRunConfig):
     seed_steps: int = 200
     particles: int = 10
     stop_when_solved: int = 1
+    ignore_positions: bool = True
+    """Leave the env's position features (``EnvSpec.position_obs``: HalfCheetah's and Hopper's
+    x) out of the model inputs, as PETS's own HalfCheetah observation does; their change is
+    still predicted, so the reward can score forward progress."""
     model: EnsembleConfig = field(default_factory=EnsembleConfig)
     planner: PlannerConfig = field(
         default_factory=lambda: PlannerConfig(population=200, iterations=3)
@@ -94,7 +94,7 @@ def build_model(cfg: Config, spec: envs.EnvSpec, device: torch.device) -> Probab
         planning_dtype=DTYPES[m.planning_dtype],
         device=device,
         seed=cfg.seed,
-        ignored_obs=spec.position_obs if m.ignore_positions else (),
+        ignored_obs=spec.position_obs if cfg.ignore_positions else (),
     )
 
 
