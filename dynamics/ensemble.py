@@ -227,10 +227,10 @@ class ProbabilisticEnsemble(nn.Module):
         # Normalizer statistics (re-fitted by every fit) and elites travel in the state dict.
         self.register_buffer("in_mu", torch.zeros(self.in_dim, device=device))  # [X + U]
         self.register_buffer("in_std", torch.ones(self.in_dim, device=device))  # [X + U]
-        self.in_std[list(self.ignored_obs)] = math.inf
         self.register_buffer("out_mu", torch.zeros(d, device=device))  # [D]
         self.register_buffer("out_std", torch.ones(d, device=device))  # [D]
         self.register_buffer("elites", torch.arange(num_elites, device=device))  # [E_el] long
+        self._blind_ignored_inputs()
 
         groups = [
             {"params": [w], "weight_decay": wd} for w, wd in zip(self.weights, decays, strict=True)
@@ -245,6 +245,7 @@ class ProbabilisticEnsemble(nn.Module):
         self._plan_key: tuple = ()
         self.planning_dtype = planning_dtype
         self.propagation = propagation
+        self.register_load_state_dict_post_hook(ProbabilisticEnsemble._blind_ignored_inputs)
         self._planning_weights()
 
     # ------------------------------------------------------------------ settable options
@@ -445,7 +446,7 @@ class ProbabilisticEnsemble(nn.Module):
             s = t.std(dim=0) if t.shape[0] > 1 else torch.ones_like(std)
             mu.copy_(t.mean(dim=0))
             std.copy_(torch.where(s < _STD_FLOOR, torch.ones_like(s), s))
-        self.in_std[list(self.ignored_obs)] = math.inf  # normalized to 0: never read
+        self._blind_ignored_inputs()  # normalized to 0: never read
 
     def _normalized(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (x - self.in_mu) / self.in_std, (y - self.out_mu) / self.out_std
@@ -679,6 +680,11 @@ class ProbabilisticEnsemble(nn.Module):
     def load_optimizer_state_dict(self, state: dict) -> None:
         """Restore the Adam state saved by :meth:`optimizer_state_dict`."""
         self.optimizer.load_state_dict(state)
+
+    @torch.no_grad()
+    def _blind_ignored_inputs(self, *_) -> None:
+        """Hold the ignored inputs' std at inf, also over a state saved without them."""
+        self.in_std[list(self.ignored_obs)] = math.inf
 
     def get_extra_state(self) -> dict:
         """Optimizer and generator state, saved in :meth:`state_dict` so training resumes

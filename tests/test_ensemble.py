@@ -375,5 +375,11 @@ def test_ignored_obs_are_never_read_but_still_predicted():
     torch.testing.assert_close(t.obs, s.obs + shift)
     # the change of the ignored coordinate is learned, not dropped
     assert m.predict(obs, act).mean[:, 0].sub(obs[:, 0]).abs().max() > 0
+    # a state saved by a model that read x loads blind to x
+    seeing = ProbabilisticEnsemble(3, 2, ensemble_size=3, hidden_size=32, num_layers=2,
+                                   max_epochs=1, learns_reward=True)  # fmt: skip
+    seeing.fit(data)
+    m.load_state_dict(seeing.state_dict())
+    assert math.isinf(m.in_std[0])
     with pytest.raises(ValueError, match="ignored_obs"):
         ProbabilisticEnsemble(3, 2, ignored_obs=(3,))
