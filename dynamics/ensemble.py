@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbrl.dynamics.base import FitReport, Prediction, RolloutState, Transitions
-from mbrl.shapes import check_shape
+from mbrl.shapes import check_shape, feature_indices
 
 PROPAGATIONS = ("ts1", "ts_inf", "expectation")
 ACTIVATIONS = ("silu", "relu", "tanh", "elu")
@@ -174,11 +174,6 @@ class ProbabilisticEnsemble(nn.Module):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         decays = _layer_decays(weight_decay, num_layers)
-        ignored = sorted(set(ignored_obs))
-        if not all(0 <= i < obs_dim for i in ignored):
-            raise ValueError(
-                f"ignored_obs must be indices in [0, obs_dim={obs_dim}), got {list(ignored_obs)}"
-            )
 
         self.obs_dim = obs_dim
         self.act_dim = act_dim
@@ -195,7 +190,7 @@ class ProbabilisticEnsemble(nn.Module):
         self.bootstrap = bootstrap
         self.activation = activation
         self.in_dim = obs_dim + act_dim
-        self.ignored_obs = tuple(ignored)
+        self.ignored_obs = feature_indices("ignored_obs", ignored_obs, obs_dim)
         self.out_dim = obs_dim + int(learns_reward)  # D
         self._act, self._act_inplace = _ACT_FNS[activation]
         self._reward_of: Callable[[torch.Tensor], torch.Tensor | None] = (

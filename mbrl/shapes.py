@@ -32,6 +32,18 @@ def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | str | 
         raise ShapeError(f"{name}: expected [{want}], got {list(shape)}")
 
 
+def feature_indices(name: str, indices: Sequence[int], size: int) -> tuple[int, ...]:
+    """``indices`` of features along an axis of ``size``, sorted and without repeats.
+
+    Raises:
+        ValueError: an index outside ``[0, size)``, naming ``name``.
+    """
+    out = tuple(sorted(set(indices)))
+    if not all(0 <= i < size for i in out):
+        raise ValueError(f"{name} must be indices in [0, {size}), got {list(indices)}")
+    return out
+
+
 def _fmt(e: int | str | None) -> str:
     if e is None:
         return "*"

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mbrl.shapes import feature_indices
+
 
 class EnsembleLinear(nn.Module):
     """``E`` affine maps applied at once: ``x [E, B, in] -> x @ W + b : [E, B, out]``.
@@ -64,7 +66,6 @@ class EnsembleMLP(nn.Module):
                 f"members={members}, num_layers={num_layers}, hidden_size={hidden_size}"
             )
         self.members = members
-        self.in_dim = in_dim
         if inputs is not None:
             inputs = list(inputs)
             if not inputs or not all(0 <= i < in_dim for i in inputs):
@@ -171,13 +172,9 @@ def observation_inputs(
     Raises:
         ValueError: an index outside ``[0, X)``, or every observation feature ignored.
     """
-    ignored = sorted(set(ignored_obs))
+    ignored = feature_indices("ignored_obs", ignored_obs, obs_dim)
     if not ignored:
         return None, None
-    if not all(0 <= i < obs_dim for i in ignored):
-        raise ValueError(
-            f"ignored_obs must be indices in [0, X={obs_dim}), got {list(ignored_obs)}"
-        )
     kept = [i for i in range(obs_dim) if i not in ignored]
     if not kept:
         raise ValueError(f"ignored_obs={list(ignored_obs)} hides every observation feature")
