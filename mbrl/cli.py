@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from mbrl import algorithms, envs
+from mbrl.algorithms.common import resolve_device
 from mbrl.config import ConfigError, from_dict, load_config
 from mbrl.runs import CheckpointError, Run
 
@@ -116,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     cfg = load_config(module.Config, args.config, overrides)
+    resolve_device(args.device)  # before the run folder exists: a bad device writes nothing
     name = args.name or f"{args.algo}-{cfg.env}-seed{cfg.seed}"
     path = Path(args.runs_dir) / name
     if (path / "checkpoint.pt").exists() or (path / "config.yaml").exists():
@@ -135,6 +137,7 @@ def _resume(args: argparse.Namespace) -> int:
     module = algorithms.get(meta["algo"])
     cfg = from_dict(module.Config, yaml.safe_load((path / "config.yaml").read_text()) or {})
     device = args.device or meta.get("device", "cpu")
+    resolve_device(device)
     return _train(module, cfg, Run(path, cfg), device, meta["algo"])
 
 

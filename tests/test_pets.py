@@ -151,6 +151,19 @@ def test_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert "mbrl resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu", "unknown device 'gpu'; use cpu, or cuda"), ("cuda", "use --device cpu")],
+)
+def test_cli_bad_device_writes_no_run_folder(device, message, tmp_path, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["run", "pets", "--env", "pendulum", "--runs-dir", str(tmp_path), "--name", "d"]
+    assert cli.main([*argv, "--device", device]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # so the same command with a good device can run
+
+
 def test_resume_refuses_a_truncated_checkpoint(tmp_path, capsys):
     args = ["run", "pets", "--env", "cartpole-balance", "--runs-dir", str(tmp_path), *TINY,
             "trials=0", "seed_steps=20", "--name", "t"]  # fmt: skip

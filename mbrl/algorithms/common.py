@@ -63,8 +63,13 @@ def make_planner(cfg: PlannerConfig) -> Planner:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``torch.device(device)``, refusing CUDA when this machine has none."""
-    dev = torch.device(device)
+    """``torch.device(device)``, refusing unknown names and CUDA when this machine has none."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"unknown device {device!r}; use cpu, or cuda (cuda:N for one GPU of several)"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"device {device!r} was asked for but CUDA is not available here; use --device cpu"
