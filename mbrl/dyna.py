@@ -5,9 +5,10 @@ The algorithms differ only where the model is used:
 
 - ``"none"`` (SAC, TD3, DDPG, NAF): the learner trains on real transitions only.
 - ``"branch"`` (MBPO, Janner et al. 2019, Algorithm 2; MBA, Gu et al. 2016, Section 5):
-  every ``train_every`` env steps the model is refitted and ``k``-step rollouts branched from
-  real states under the current policy fill a model buffer; the learner trains on batches
-  mixing a share ``real_ratio`` of real transitions with imagined ones.
+  every ``train_every`` env steps the model is refitted, and every ``rollout_every`` steps
+  ``k``-step rollouts branched from real states under the current policy fill a model buffer;
+  the learner trains on batches mixing a share ``real_ratio`` of real transitions with
+  imagined ones.
 - ``"mve"`` (MVE, Feinberg et al. 2018, Section 3): the learner trains on real transitions and
   on the ``H`` states imagined after each, with ``H``-step value-expansion targets
   (:func:`value_expansion_batch`) instead of one-step targets.
@@ -154,7 +155,7 @@ class ModelBuffer:
     """FIFO store of imagined transitions whose capacity follows the rollout length.
 
     MBPO keeps the rollouts of the last ``retain_epochs`` epochs: capacity =
-    ``rollout_batch_size * length * (epoch_length / train_every) * retain_epochs``.
+    ``rollout_batch_size * length * (epoch_length / rollout_every) * retain_epochs``.
     :meth:`resize` keeps the newest transitions when the capacity changes.
     """
 
@@ -451,7 +452,11 @@ class BranchConfig:
     """Branched rollouts into the model buffer (MBPO, MBA)."""
 
     rollout_batch_size: int = 100_000
-    """Rollouts started after each model fit (MBPO: 400 per env step x 250)."""
+    """Rollouts started at each branching (MBPO: 400 per env step x 250)."""
+    rollout_every: int | None = None
+    """Env steps between branchings; None branches once after each model fit
+    (``model.train_every``). Branching more often keeps the imagined actions close to the
+    current policy (MBPO's Algorithm 2 branches at every env step)."""
     min_epoch: int = 20
     """Rollout length is min_length up to this epoch ..."""
     max_epoch: int = 100
@@ -650,7 +655,8 @@ def train(
         act (uniform random for the first start_steps steps), store the real transition
         every model.train_every steps from start_steps:           (branch, mve)
             fit the model on all real transitions
-            branch: roll k steps from rollout_batch_size real states into the model buffer
+        branch, every branch.rollout_every steps from start_steps (default: after each fit):
+            roll k steps from rollout_batch_size real states into the model buffer
         G times (from start_steps on):
             none:   update on a real batch
             branch: update on a mixed batch (real_ratio real)
@@ -677,12 +683,24 @@ def train(
     imagined = imagined_policy(cfg.mve) if use == "mve" else "greedy"
     if use != "none":
         m = cfg.model
+        if m.train_every < 1:
+            raise ConfigError(
+                f"model.train_every={m.train_every}: refit the model every n >= 1 env steps"
+            )
         rows = int(min(cfg.start_steps, cfg.buffer_capacity) * (1 - m.val_fraction))
         if rows < m.batch_size:
             raise ConfigError(
                 f"the first model fit (after start_steps={cfg.start_steps}) has about {rows} "
                 f"training rows, fewer than model.batch_size={m.batch_size}; raise start_steps "
                 "or lower model.batch_size"
+            )
+    rollout_every = 0
+    if use == "branch":
+        rollout_every = cfg.branch.rollout_every or cfg.model.train_every
+        if cfg.branch.rollout_every is not None and cfg.branch.rollout_every < 1:
+            raise ConfigError(
+                f"branch.rollout_every={cfg.branch.rollout_every}: branch every n >= 1 env "
+                "steps, or leave it unset (null) to branch after each model fit"
             )
     dev = resolve_device(device)
     spec = envs.make(cfg.env)
@@ -769,17 +787,18 @@ def train(
             # --- where the model is used: refit, then branch rollouts
             learning = env_steps >= cfg.start_steps
             if model is not None and learning:
-                if (env_steps - cfg.start_steps) % cfg.model.train_every == 0:
+                since = env_steps - cfg.start_steps
+                if since % cfg.model.train_every == 0:
                     t0 = time.perf_counter()
                     report = model.fit(buffer.all())
                     fit_train, fit_val = report.final_train_loss, report.best_val_loss
                     seconds["fit"] += time.perf_counter() - t0
-                    if model_buffer is not None:
-                        t0 = time.perf_counter()
-                        length = _branch(
-                            cfg, env_steps, spec, model, learner, buffer, model_buffer, gen
-                        )
-                        seconds["rollout"] += time.perf_counter() - t0
+                if model_buffer is not None and since % rollout_every == 0:
+                    t0 = time.perf_counter()
+                    length = _branch(
+                        cfg, env_steps, spec, model, learner, buffer, model_buffer, gen
+                    )
+                    seconds["rollout"] += time.perf_counter() - t0
 
             # --- G learner updates
             if learning:
@@ -905,7 +924,7 @@ def _branch(
     b = cfg.branch
     epoch = env_steps // cfg.epoch_length
     k = rollout_length(epoch, b.min_epoch, b.max_epoch, b.min_length, b.max_length)
-    per_epoch = math.ceil(cfg.epoch_length / cfg.model.train_every)
+    per_epoch = math.ceil(cfg.epoch_length / (b.rollout_every or cfg.model.train_every))
     model_buffer.resize(max(1, b.rollout_batch_size * k * per_epoch * b.retain_epochs))
     starts = buffer.sample(b.rollout_batch_size, gen).obs  # [B, X]
 

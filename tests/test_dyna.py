@@ -447,6 +447,36 @@ def test_cli_run_and_exact_resume(tmp_path, monkeypatch, algo, extra):
     assert _rows(tmp_path / "killed") == rows
 
 
+@pytest.mark.parametrize("every, calls", [(None, 4), (20, 16)])
+def test_branching_follows_rollout_every(tmp_path, monkeypatch, every, calls):
+    """Without rollout_every the model buffer is refilled after each of the 4 fits (env steps
+    100 to 400); with it, every 20 steps from the first fit on (100, 120, ..., 400). The buffer
+    keeps one epoch of branchings: 8 starts x k=1 x 200/100 or 200/20 branchings."""
+    from mbrl import dyna
+
+    steps = []
+    original = dyna.branched_rollout
+
+    def counting(model, act_fn, start_obs, *args, **kwargs):
+        steps.append(len(start_obs))
+        return original(model, act_fn, start_obs, *args, **kwargs)
+
+    monkeypatch.setattr(dyna, "branched_rollout", counting)
+    extra = ["branch.rollout_batch_size=8"]
+    extra += [f"branch.rollout_every={every}"] if every else []
+    args = ["run", "mba", *TINY, *TINY_MODEL, *extra, "--env", "pendulum"]
+    assert cli.main([*args, "--runs-dir", str(tmp_path), "--name", "b"]) == 0
+    assert steps == [8] * calls
+    rows = _rows(tmp_path / "b")
+    assert int(rows[-1]["model_buffer"]) == (80 if every else 16)
+
+
+def test_rollout_every_must_be_positive(tmp_path, capsys):
+    args = ["run", "mba", *TINY, *TINY_MODEL, "branch.rollout_every=0", "--env", "pendulum"]
+    assert cli.main([*args, "--runs-dir", str(tmp_path)]) == 2
+    assert "branch.rollout_every=0: branch every n >= 1 env steps" in capsys.readouterr().err
+
+
 def test_nan_model_stops_the_run_after_a_checkpoint(tmp_path, monkeypatch, capsys):
     from mbrl.dynamics.ensemble import ProbabilisticEnsemble
 
