@@ -8,6 +8,7 @@ mbrl resume runs/<name>                      continue a killed run from its chec
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -126,7 +127,15 @@ def _run(args: argparse.Namespace) -> int:
             f"or pick another --name"
         )
     meta = {"algo": args.algo, "device": args.device}
-    return _train(module, cfg, Run(path, cfg, meta), args.device, args.algo)
+    fresh = not path.exists()
+    try:
+        return _train(module, cfg, Run(path, cfg, meta), args.device, args.algo)
+    except ConfigError:
+        # refused before any training: a folder this command made holds nothing to keep, and
+        # leaving it would block rerunning the fixed command under the same name
+        if fresh and not (path / "checkpoint.pt").exists():
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _resume(args: argparse.Namespace) -> int:
