@@ -447,6 +447,9 @@ class ModelConfig:
     targets)."""
 
 
+BRANCH_POLICIES = ("explore", "uniform")
+
+
 @dataclass
 class BranchConfig:
     """Branched rollouts into the model buffer (MBPO, MBA)."""
@@ -469,6 +472,9 @@ class BranchConfig:
     """Epochs of rollouts the model buffer keeps."""
     real_ratio: float = 0.05
     """Share of real transitions in each learner batch."""
+    policy: str = "explore"
+    """Actions of the imagined steps: ``explore``, the learner's exploration policy (MBPO);
+    ``uniform``, uniform in the action box, imagined transitions off the policy everywhere."""
 
 
 @dataclass
@@ -702,6 +708,10 @@ def train(
                 f"branch.rollout_every={cfg.branch.rollout_every}: branch every n >= 1 env "
                 "steps, or leave it unset (null) to branch after each model fit"
             )
+        if cfg.branch.policy not in BRANCH_POLICIES:
+            raise ConfigError(
+                f"unknown branch.policy {cfg.branch.policy!r}; valid: {', '.join(BRANCH_POLICIES)}"
+            )
     dev = resolve_device(device)
     spec = envs.make(cfg.env)
     env, eval_env = spec.make(), spec.make()
@@ -928,8 +938,17 @@ def _branch(
     model_buffer.resize(max(1, b.rollout_batch_size * k * per_epoch * b.retain_epochs))
     starts = buffer.sample(b.rollout_batch_size, gen).obs  # [B, X]
 
-    def act_fn(o: torch.Tensor) -> torch.Tensor:
-        return learner.act(o, deterministic=False, generator=gen)
+    if b.policy == "uniform":
+        low, high = spec.action_bounds(starts.device)
+
+        def act_fn(o: torch.Tensor) -> torch.Tensor:
+            u = torch.rand(o.shape[0], low.shape[0], device=o.device, generator=gen)
+            return low + (high - low) * u
+
+    else:
+
+        def act_fn(o: torch.Tensor) -> torch.Tensor:
+            return learner.act(o, deterministic=False, generator=gen)
 
     ro = branched_rollout(model, act_fn, starts, k, spec.reward_fn, spec.termination_fn, gen)
     model_buffer.add(ro.transitions)

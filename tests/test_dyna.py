@@ -471,10 +471,31 @@ def test_branching_follows_rollout_every(tmp_path, monkeypatch, every, calls):
     assert int(rows[-1]["model_buffer"]) == (80 if every else 16)
 
 
-def test_rollout_every_must_be_positive(tmp_path, capsys):
-    args = ["run", "mba", *TINY, *TINY_MODEL, "branch.rollout_every=0", "--env", "pendulum"]
+def test_uniform_branch_policy_imagines_actions_across_the_box(tmp_path):
+    from mbrl.runs import load_checkpoint_file
+
+    extra = ["branch.rollout_batch_size=256", "branch.policy=uniform"]
+    args = ["run", "mba", *TINY, *TINY_MODEL, *extra, "--env", "pendulum"]
+    assert cli.main([*args, "--runs-dir", str(tmp_path), "--name", "u"]) == 0
+    act = load_checkpoint_file(tmp_path / "u" / "checkpoint.pt")["state"]["model_buffer"]["act"]
+    assert act.shape == (512, 1)  # one epoch: two fits of 256 one-step rollouts
+    assert -2 <= act.min() < -1.9 and 1.9 < act.max() <= 2  # Pendulum's torque box [-2, 2]
+    assert abs(act.std() - 4 / 12**0.5) < 0.1  # the std of U(-2, 2)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("branch.rollout_every=0", "branch.rollout_every=0: branch every n >= 1 env steps"),
+        ("branch.policy=greedy", "unknown branch.policy 'greedy'; valid: explore, uniform"),
+        ("model.train_every=0", "model.train_every=0: refit the model every n >= 1 env steps"),
+    ],
+)
+def test_bad_branch_settings_are_named(tmp_path, capsys, override, message):
+    args = ["run", "mba", *TINY, *TINY_MODEL, override, "--env", "pendulum"]
     assert cli.main([*args, "--runs-dir", str(tmp_path)]) == 2
-    assert "branch.rollout_every=0: branch every n >= 1 env steps" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "a refused config leaves no run folder"
 
 
 def test_nan_model_stops_the_run_after_a_checkpoint(tmp_path, monkeypatch, capsys):
@@ -495,6 +516,7 @@ def test_unknown_learner_for_an_algorithm_is_named(tmp_path, capsys):
     args = ["run", "sac", "learner.name=td3", "--env", "pendulum", "--runs-dir", str(tmp_path)]
     assert cli.main(args) == 2
     assert "SAC does not run learner.name='td3'; valid: sac" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "a refused config leaves no run folder"
 
 
 def test_naf_diag_floor_comes_from_the_config(tmp_path, capsys):
