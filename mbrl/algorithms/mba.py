@@ -4,14 +4,20 @@ Algorithm 2), with the probabilistic ensemble as the learned model.
     collect start_steps transitions with uniform random actions into the env buffer
     for each env step:
         every model.train_every steps: fit the model on the real transitions, then start
-            rollout_batch_size imagination rollouts of k steps from real states under the
-            current exploration policy (mu plus noise) into the imagination buffer
+            rollout_batch_size imagination rollouts of k steps from real states into the
+            imagination buffer, under the current exploration policy (mu plus noise) or, with
+            branch.policy=uniform, with actions uniform in the action box
         act with mu(s) plus noise in the env, store the transition
         G times: update NAF on a batch mixing real_ratio real and imagined transitions
     each epoch: evaluate the greedy policy, log, checkpoint
 
 Differences from the paper: the model is the probabilistic ensemble rather than per-episode
 time-varying linear fits, and imagination rollouts start from states of the whole buffer.
+
+Why uniform imagined actions: NAF's policy mu(s) learns only from the advantage term
+``-(a - mu)^T P (a - mu) / 2`` of transitions whose action differs from mu(s). Imagined steps
+under the exploration policy sit within its small noise of mu(s), so they train V(s) but carry
+almost no signal for mu or P, while taking half of each batch from the real transitions that do.
 """
 
 from __future__ import annotations
