@@ -14,10 +14,11 @@ Algorithm 2), with the probabilistic ensemble as the learned model.
 Differences from the paper: the model is the probabilistic ensemble rather than per-episode
 time-varying linear fits, and imagination rollouts start from states of the whole buffer.
 
-Why uniform imagined actions: NAF's policy mu(s) learns only from the advantage term
-``-(a - mu)^T P (a - mu) / 2`` of transitions whose action differs from mu(s). Imagined steps
-under the exploration policy sit within its small noise of mu(s), so they train V(s) but carry
-almost no signal for mu or P, while taking half of each batch from the real transitions that do.
+Why a uniform imagination policy is offered: NAF's mu(s) and P(s) learn only from the
+advantage term ``-(a - mu)^T P (a - mu) / 2`` of transitions whose action differs from mu(s).
+Imagined steps under the exploration policy sit within its small noise of mu(s), so they train
+V(s) but carry little signal for mu or P. On Pendulum, seeds 0-9, uniform imagined actions
+scored the same as the exploration policy over the curve (experiments/mba_pendulum.yaml).
 """
 
 from __future__ import annotations
