@@ -18,6 +18,7 @@ The library parts take plain typed arguments; :func:`train` is the edge that rea
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -700,18 +701,19 @@ def train(
                 f"training rows, fewer than model.batch_size={m.batch_size}; raise start_steps "
                 "or lower model.batch_size"
             )
-    rollout_every = 0
+    rollout_every = 0  # env steps between branchings (branch only)
     if use == "branch":
-        rollout_every = cfg.branch.rollout_every or cfg.model.train_every
-        if cfg.branch.rollout_every is not None and cfg.branch.rollout_every < 1:
+        b = cfg.branch
+        if b.rollout_every is not None and b.rollout_every < 1:
             raise ConfigError(
-                f"branch.rollout_every={cfg.branch.rollout_every}: branch every n >= 1 env "
-                "steps, or leave it unset (null) to branch after each model fit"
+                f"branch.rollout_every={b.rollout_every}: branch every n >= 1 env steps, or "
+                "leave it unset (null) to branch after each model fit"
             )
-        if cfg.branch.policy not in BRANCH_POLICIES:
+        if b.policy not in BRANCH_POLICIES:
             raise ConfigError(
-                f"unknown branch.policy {cfg.branch.policy!r}; valid: {', '.join(BRANCH_POLICIES)}"
+                f"unknown branch.policy {b.policy!r}; valid: {', '.join(BRANCH_POLICIES)}"
             )
+        rollout_every = b.rollout_every or cfg.model.train_every
     dev = resolve_device(device)
     spec = envs.make(cfg.env)
     env, eval_env = spec.make(), spec.make()
@@ -806,8 +808,9 @@ def train(
                 if model_buffer is not None and since % rollout_every == 0:
                     t0 = time.perf_counter()
                     length = _branch(
-                        cfg, env_steps, spec, model, learner, buffer, model_buffer, gen
-                    )
+                        cfg, env_steps, rollout_every, spec, model, learner, buffer,
+                        model_buffer, gen,
+                    )  # fmt: skip
                     seconds["rollout"] += time.perf_counter() - t0
 
             # --- G learner updates
@@ -923,6 +926,7 @@ def _stat_cols(stats: dict[str, list[float]]) -> dict[str, float | str]:
 def _branch(
     cfg,
     env_steps: int,
+    rollout_every: int,
     spec: envs.EnvSpec,
     model: DynamicsModel,
     learner: Learner,
@@ -934,7 +938,7 @@ def _branch(
     b = cfg.branch
     epoch = env_steps // cfg.epoch_length
     k = rollout_length(epoch, b.min_epoch, b.max_epoch, b.min_length, b.max_length)
-    per_epoch = math.ceil(cfg.epoch_length / (b.rollout_every or cfg.model.train_every))
+    per_epoch = math.ceil(cfg.epoch_length / rollout_every)
     model_buffer.resize(max(1, b.rollout_batch_size * k * per_epoch * b.retain_epochs))
     starts = buffer.sample(b.rollout_batch_size, gen).obs  # [B, X]
 
@@ -946,9 +950,7 @@ def _branch(
             return low + (high - low) * u
 
     else:
-
-        def act_fn(o: torch.Tensor) -> torch.Tensor:
-            return learner.act(o, deterministic=False, generator=gen)
+        act_fn = functools.partial(learner.act, deterministic=False, generator=gen)
 
     ro = branched_rollout(model, act_fn, starts, k, spec.reward_fn, spec.termination_fn, gen)
     model_buffer.add(ro.transitions)
