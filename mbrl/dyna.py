@@ -412,6 +412,9 @@ class LearnerConfig:
     """Target entropy (sac); None is -U."""
     diag_floor: float = 0.1
     """Lower bound of the diagonal of L in P = L L^T (naf); must be > 0."""
+    mu_penalty: float = 0.0
+    """Weight of the squared pre-tanh mu in the loss (naf), against mu locking at the bound
+    where tanh is flat; 0 turns it off."""
 
 
 @dataclass
@@ -586,6 +589,7 @@ def make_learner(
             lr=cfg.lr,
             exploration_noise=cfg.exploration_noise,
             diag_floor=cfg.diag_floor,
+            mu_penalty=cfg.mu_penalty,
             **common,
         )
     raise ValueError(f"unknown learner {cfg.name!r}; valid names: sac, td3, ddpg, naf")

@@ -342,6 +342,46 @@ def test_naf_curvature_never_falls_below_the_floor():
     assert (diag >= 0.25).all()
 
 
+def test_naf_refuses_a_negative_mu_penalty():
+    with pytest.raises(ValueError, match="mu_penalty must be >= 0"):
+        NAF(2, 1, [-1.0], [1.0], mu_penalty=-0.1)
+
+
+def _saturated_naf(mu_penalty: float) -> NAF:
+    """A NAF whose mu sits at the upper bound with pre-activation 40 at every state."""
+    learner = make("naf", mu_penalty=mu_penalty, lr=1e-2)
+    last = learner.net.net[-1]
+    with torch.no_grad():
+        last.bias[..., 1 : 1 + U] = 40.0
+    return learner
+
+
+@pytest.mark.parametrize("mu_penalty, unlocked", [(0.0, False), (1e-3, True)])
+def test_naf_mu_penalty_unlocks_a_saturated_mu(mu_penalty, unlocked):
+    # The buffer of a policy stuck at full torque: every action at the upper bound and nothing
+    # to learn about other actions (targets 0). The Q-loss gives mu no gradient through the flat
+    # tanh; the penalty brings the pre-activation back to where tanh has slope.
+    learner = _saturated_naf(mu_penalty)
+    b = batch()
+    n = b.obs.shape[0]
+    b = Transitions(
+        obs=b.obs,
+        act=torch.tensor(HIGH).expand(n, U),
+        next_obs=b.next_obs,
+        reward=torch.zeros(n),
+        terminated=torch.ones(n, dtype=torch.bool),
+    )
+    pre = lambda: learner.net(b.obs)[0][:, 1 : 1 + U].abs()  # noqa: E731
+    assert (pre() > 30).all()
+    for _ in range(300):
+        learner.update(b)
+    p = pre()  # 40 at the start: tanh's slope 1e-34
+    if unlocked:
+        assert p.max() < 10 and p.mean() < 3  # slope > 0.01 at a typical state
+    else:
+        assert (p > 30).all()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_ignored_obs_are_never_read(kind):
     """With ``ignored_obs=(0,)`` actions and updates do not depend on feature 0."""

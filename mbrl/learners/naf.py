@@ -19,6 +19,15 @@ with a linear ``mu``, -177 with ``tanh``). For the same reason the diagonal of `
 imagined actions (MBA) an unbounded-below diagonal collapsed ``P`` to zero (``Q = V`` to 8
 digits) and the policy stopped learning; with the floor ``P >= diag_floor^2 I`` keeps ``mu``
 in the loss.
+
+``tanh`` has its own trap: once the pre-activation of ``mu`` is large, ``tanh`` is flat there,
+``mu`` sits at the bound, the exploration noise is clipped back onto it, ``P`` falls to its floor
+and no gradient reaches ``mu`` again. On Pendulum that is a policy stuck at full torque, about
+-1,400 per episode: 3 of 20 NAF runs of 3,000 steps (seeds 0-19) never swung up, nor did seed
+21; the two whose networks were kept (15 and 21) ended with ``mu = +1`` at every state of a grid
+and ``|pre-tanh mu|`` of 38 and 46 on average. ``mu_penalty`` adds ``mu_penalty * mean(pre^2)`` to the loss, which holds the
+pre-activation where ``tanh`` still has slope and, where ``Q`` is flat in the action, draws
+``mu`` back towards the centre of the box, where exploration finds the action's effect again.
 """
 
 from __future__ import annotations
@@ -63,6 +72,8 @@ class NAF:
         lr: Adam learning rate.
         exploration_noise: std of the Gaussian exploration noise in the unit box.
         diag_floor: lower bound of ``L``'s diagonal (``P >= diag_floor^2 I``); must be > 0.
+        mu_penalty: weight of ``mean(pre^2)`` over the pre-``tanh`` outputs of ``mu`` in the
+            loss; 0 leaves it out (see the module docstring); must be >= 0.
         device: where networks and batches live.
         seed: seeds weight initialisation and the learner's own generator.
         ignored_obs: observation features the networks never read, e.g. an absolute x
@@ -82,6 +93,7 @@ class NAF:
         lr: float = 1e-3,
         exploration_noise: float = 0.1,
         diag_floor: float = 0.1,
+        mu_penalty: float = 0.0,
         device: torch.device | str = "cpu",
         seed: int = 0,
         ignored_obs: Sequence[int] = (),
@@ -91,7 +103,10 @@ class NAF:
             raise ValueError(
                 f"diag_floor must be > 0 (it keeps P positive definite); got {diag_floor}"
             )
+        if not mu_penalty >= 0:
+            raise ValueError(f"mu_penalty must be >= 0 (0 turns it off); got {mu_penalty}")
         self.diag_floor = diag_floor
+        self.mu_penalty = mu_penalty
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.gamma, self.tau = gamma, tau
         self.exploration_noise = exploration_noise
@@ -176,12 +191,16 @@ class NAF:
         Returns ``q_loss``, ``q_mean``, ``q_abs_max``, ``v_mean``.
         """
         target = one_step_target(self, batch, target_q)  # [B]
-        h = self.heads(batch.obs)
+        out = self.net(batch.obs)[0]  # [B, 1 + U + U(U+1)/2]
+        h = self._heads_of(out)
         d = (self.scale.to_unit(batch.act) - h.mu).unsqueeze(-1)  # [B, U, 1]
         q = h.value - 0.5 * (h.L.transpose(1, 2) @ d).squeeze(-1).pow(2).sum(-1)  # [B]
         q_loss = (q - target).pow(2).mean()
+        loss = q_loss
+        if self.mu_penalty > 0:
+            loss = loss + self.mu_penalty * out[:, 1 : 1 + self.act_dim].pow(2).mean()
         self.opt.zero_grad(set_to_none=True)
-        q_loss.backward()
+        loss.backward()
         self.opt.step()
         soft_update(self.net_target, self.net, self.tau)
         self.updates += 1
