@@ -25,9 +25,11 @@ in the loss.
 and no gradient reaches ``mu`` again. On Pendulum that is a policy stuck at full torque, about
 -1,400 per episode: 3 of 20 NAF runs of 3,000 steps (seeds 0-19) never swung up, nor did seed
 21; the two whose networks were kept (15 and 21) ended with ``mu = +1`` at every state of a grid
-and ``|pre-tanh mu|`` of 38 and 46 on average. ``mu_penalty`` adds ``mu_penalty * mean(pre^2)`` to the loss, which holds the
-pre-activation where ``tanh`` still has slope and, where ``Q`` is flat in the action, draws
-``mu`` back towards the centre of the box, where exploration finds the action's effect again.
+and ``|pre-tanh mu|`` of 38 and 46 on average. ``mu_penalty`` adds ``mu_penalty * mean(pre^2)``
+to the loss, which holds the pre-activation where ``tanh`` still has slope and, where ``Q`` is
+flat in the action, draws ``mu`` back towards the centre of the box, where exploration finds
+the action's effect again. With 0.001, Pendulum NAF reached -200 on those four seeds and on 18
+fresh ones (experiments/naf_pendulum.yaml).
 """
 
 from __future__ import annotations
