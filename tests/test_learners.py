@@ -371,11 +371,10 @@ def test_naf_mu_penalty_unlocks_a_saturated_mu(mu_penalty, unlocked):
         reward=torch.zeros(n),
         terminated=torch.ones(n, dtype=torch.bool),
     )
-    pre = lambda: learner.net(b.obs)[0][:, 1 : 1 + U].abs()  # noqa: E731
-    assert (pre() > 30).all()
+    assert (learner.heads(b.obs).mu_pre > 30).all()
     for _ in range(300):
         learner.update(b)
-    p = pre()  # 40 at the start: tanh's slope 1e-34
+    p = learner.heads(b.obs).mu_pre.abs()  # 40 at the start: tanh's slope 1e-34
     if unlocked:
         assert p.max() < 10 and p.mean() < 3  # slope > 0.01 at a typical state
     else:

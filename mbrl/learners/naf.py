@@ -57,7 +57,8 @@ class NAFHeads:
     """What the NAF network says about a batch of observations."""
 
     value: torch.Tensor  # [B] V(s)
-    mu: torch.Tensor  # [B, U] greedy unit-box action
+    mu: torch.Tensor  # [B, U] greedy unit-box action, tanh(mu_pre)
+    mu_pre: torch.Tensor  # [B, U] the pre-tanh output of mu
     L: torch.Tensor  # [B, U, U] lower triangular, positive diagonal
 
 
@@ -131,13 +132,13 @@ class NAF:
     def _heads_of(self, out: torch.Tensor) -> NAFHeads:
         u = self.act_dim
         value = out[:, 0]  # [B]
-        mu = torch.tanh(out[:, 1 : 1 + u])  # [B, U] in the unit box
+        mu_pre = out[:, 1 : 1 + u]  # [B, U]
         entries = out[:, 1 + u :]  # [B, U(U+1)/2]
         diag = torch.nn.functional.softplus(entries) + self.diag_floor
         entries = torch.where(self._diag, diag, entries)
         L = out.new_zeros(out.shape[0], u, u)  # [B, U, U]
         L[:, self._rows, self._cols] = entries
-        return NAFHeads(value=value, mu=mu, L=L)
+        return NAFHeads(value=value, mu=torch.tanh(mu_pre), mu_pre=mu_pre, L=L)
 
     def heads(self, obs: torch.Tensor) -> NAFHeads:
         """``V``, ``mu`` and ``L`` of the online network for ``obs [B, X]``."""
@@ -145,10 +146,13 @@ class NAF:
 
     def q(self, obs: torch.Tensor, act_unit: torch.Tensor) -> torch.Tensor:
         """``Q(s, a) = V(s) - 1/2 ||L^T (a - mu)||^2`` ``[B]`` for unit-box actions ``[B, U]``."""
-        h = self.heads(obs)
+        return self._q_of(self.heads(obs), act_unit)
+
+    @staticmethod
+    def _q_of(h: NAFHeads, act_unit: torch.Tensor) -> torch.Tensor:
         d = (act_unit - h.mu).unsqueeze(-1)  # [B, U, 1]
         lt_d = h.L.transpose(1, 2) @ d  # [B, U, 1]
-        return h.value - 0.5 * lt_d.squeeze(-1).pow(2).sum(-1)
+        return h.value - 0.5 * lt_d.squeeze(-1).pow(2).sum(-1)  # [B]
 
     @torch.no_grad()
     def act(
@@ -193,14 +197,12 @@ class NAF:
         Returns ``q_loss``, ``q_mean``, ``q_abs_max``, ``v_mean``.
         """
         target = one_step_target(self, batch, target_q)  # [B]
-        out = self.net(batch.obs)[0]  # [B, 1 + U + U(U+1)/2]
-        h = self._heads_of(out)
-        d = (self.scale.to_unit(batch.act) - h.mu).unsqueeze(-1)  # [B, U, 1]
-        q = h.value - 0.5 * (h.L.transpose(1, 2) @ d).squeeze(-1).pow(2).sum(-1)  # [B]
+        h = self.heads(batch.obs)
+        q = self._q_of(h, self.scale.to_unit(batch.act))  # [B]
         q_loss = (q - target).pow(2).mean()
         loss = q_loss
         if self.mu_penalty > 0:
-            loss = loss + self.mu_penalty * out[:, 1 : 1 + self.act_dim].pow(2).mean()
+            loss = loss + self.mu_penalty * h.mu_pre.pow(2).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
