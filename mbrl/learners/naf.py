@@ -28,7 +28,7 @@ and no gradient reaches ``mu`` again. On Pendulum that is a policy stuck at full
 and ``|pre-tanh mu|`` of 38 and 46 on average. ``mu_penalty`` adds ``mu_penalty * mean(pre^2)``
 to the loss, which holds the pre-activation where ``tanh`` still has slope and, where ``Q`` is
 flat in the action, draws ``mu`` back towards the centre of the box, where exploration finds
-the action's effect again. With 0.001, Pendulum NAF reached -200 on those four seeds and on 18
+the action's effect again. With 0.001, Pendulum NAF reached -200 on those four seeds and on 36
 fresh ones (experiments/naf_pendulum.yaml).
 """
 
@@ -141,7 +141,8 @@ class NAF:
         return NAFHeads(value=value, mu=torch.tanh(mu_pre), mu_pre=mu_pre, L=L)
 
     def heads(self, obs: torch.Tensor) -> NAFHeads:
-        """``V``, ``mu`` and ``L`` of the online network for ``obs [B, X]``."""
+        """``V``, ``mu`` (with its pre-``tanh`` value) and ``L`` of the online network for
+        ``obs [B, X]``."""
         return self._heads_of(self.net(obs)[0])
 
     def q(self, obs: torch.Tensor, act_unit: torch.Tensor) -> torch.Tensor:
