@@ -479,6 +479,11 @@ class BranchConfig:
     policy: str = "explore"
     """Actions of the imagined steps: ``explore``, the learner's exploration policy (MBPO);
     ``uniform``, uniform in the action box, imagined transitions off the policy everywhere."""
+    stop_after: int | None = None
+    """Env steps after which imagination stops: no more model fits or branchings, and learner
+    batches are all real. Imagination is there to speed up learning while real data is scarce;
+    later the model's errors can only cost a learner with enough real data. None imagines to
+    the end of the run."""
 
 
 @dataclass
@@ -668,6 +673,7 @@ def train(
             fit the model on all real transitions
         branch, every branch.rollout_every steps from start_steps (default: after each fit):
             roll k steps from rollout_batch_size real states into the model buffer
+        (branch: no fits, branchings or imagined batches after branch.stop_after env steps)
         G times (from start_steps on):
             none:   update on a real batch
             branch: update on a mixed batch (real_ratio real)
@@ -716,6 +722,11 @@ def train(
         if b.policy not in BRANCH_POLICIES:
             raise ConfigError(
                 f"unknown branch.policy {b.policy!r}; valid: {', '.join(BRANCH_POLICIES)}"
+            )
+        if b.stop_after is not None and b.stop_after <= cfg.start_steps:
+            raise ConfigError(
+                f"branch.stop_after={b.stop_after} is not after start_steps={cfg.start_steps}, "
+                "so nothing would be imagined; raise it, or run the model-free learner"
             )
         rollout_every = b.rollout_every or cfg.model.train_every
     dev = resolve_device(device)
@@ -802,7 +813,12 @@ def train(
 
             # --- where the model is used: refit, then branch rollouts
             learning = env_steps >= cfg.start_steps
-            if model is not None and learning:
+            imagining = use != "branch" or (
+                cfg.branch.stop_after is None or env_steps <= cfg.branch.stop_after
+            )
+            if use == "branch" and not imagining:
+                length = 0
+            if model is not None and learning and imagining:
                 since = env_steps - cfg.start_steps
                 if since % cfg.model.train_every == 0:
                     t0 = time.perf_counter()
@@ -838,8 +854,9 @@ def train(
                         s = learner.update(vb.transitions, vb.target_q, actor_obs=real.obs)
                     else:
                         ratio = cfg.branch.real_ratio if use == "branch" else 1.0
+                        imagined_data = model_buffer if imagining else None
                         batch = mixed_batch(
-                            buffer, model_buffer, cfg.learner.batch_size, ratio, gen
+                            buffer, imagined_data, cfg.learner.batch_size, ratio, gen
                         )
                         s = learner.update(batch)
                     check_learner_stats(s, cfg.q_limit)

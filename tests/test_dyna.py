@@ -471,6 +471,43 @@ def test_branching_follows_rollout_every(tmp_path, monkeypatch, every, calls):
     assert int(rows[-1]["model_buffer"]) == (80 if every else 16)
 
 
+def test_stop_after_ends_imagination_and_keeps_the_run_before_it(tmp_path, monkeypatch):
+    """With branch.stop_after=200 the model is fitted and branched at env steps 100 and 200
+    only (against 100 to 400 without it), later batches are all real, and the first epoch (to
+    env step 200) is the unstopped run's, number for number."""
+    from mbrl import dyna
+
+    calls = {"fit": 0, "branch": 0}
+    original = dyna.branched_rollout
+
+    def counting(*args, **kwargs):
+        calls["branch"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dyna, "branched_rollout", counting)
+    mixes = []
+    original_mix = dyna.mixed_batch
+
+    def recording(real, imagined, *args, **kwargs):
+        mixes.append(imagined is not None)
+        return original_mix(real, imagined, *args, **kwargs)
+
+    monkeypatch.setattr(dyna, "mixed_batch", recording)
+    args = ["run", "mba", *TINY, *TINY_MODEL, "branch.rollout_batch_size=8", "--env", "pendulum"]
+    assert cli.main([*args, "--runs-dir", str(tmp_path), "--name", "all"]) == 0
+    assert calls["branch"] == 4 and all(mixes)
+    calls["branch"], mixes[:] = 0, []
+    stopped = [*args, "branch.stop_after=200"]
+    assert cli.main([*stopped, "--runs-dir", str(tmp_path), "--name", "stop"]) == 0
+    assert calls["branch"] == 2
+    # one update per env step 100 ... 400; the first 101 (to step 200) mix in imagined data
+    assert len(mixes) == 301 and all(mixes[:101]) and not any(mixes[101:])
+    full, stop = _rows(tmp_path / "all"), _rows(tmp_path / "stop")
+    keep = ("return", "q_loss", "model_val_loss", "rollout_length", "model_buffer")
+    assert [full[0][k] for k in keep] == [stop[0][k] for k in keep]
+    assert stop[1]["rollout_length"] == "0" and stop[1]["return"] != full[1]["return"]
+
+
 def test_uniform_branch_policy_imagines_actions_across_the_box(tmp_path):
     from mbrl.runs import load_checkpoint_file
 
@@ -489,6 +526,7 @@ def test_uniform_branch_policy_imagines_actions_across_the_box(tmp_path):
         ("branch.rollout_every=0", "branch.rollout_every=0: branch every n >= 1 env steps"),
         ("branch.policy=greedy", "unknown branch.policy 'greedy'; valid: explore, uniform"),
         ("model.train_every=0", "model.train_every=0: refit the model every n >= 1 env steps"),
+        ("branch.stop_after=100", "branch.stop_after=100 is not after start_steps=100"),
     ],
 )
 def test_bad_branch_settings_are_named(tmp_path, capsys, override, message):
