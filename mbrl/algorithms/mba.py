@@ -9,6 +9,7 @@ Algorithm 2), with the probabilistic ensemble as the learned model.
             branch.policy=uniform, with actions uniform in the action box
         act with mu(s) plus noise in the env, store the transition
         G times: update NAF on a batch mixing real_ratio real and imagined transitions
+            (all real after branch.stop_after env steps, when that is set)
     each epoch: evaluate the greedy policy, log, checkpoint
 
 Differences from the paper: the model is the probabilistic ensemble rather than per-episode
