@@ -476,15 +476,21 @@ def test_stop_after_ends_imagination_and_keeps_the_run_before_it(tmp_path, monke
     only (against 100 to 400 without it), later batches are all real, and the first epoch (to
     env step 200) is the unstopped run's, number for number."""
     from mbrl import dyna
+    from mbrl.dynamics.ensemble import ProbabilisticEnsemble
 
     calls = {"fit": 0, "branch": 0}
-    original = dyna.branched_rollout
+    original, original_fit = dyna.branched_rollout, ProbabilisticEnsemble.fit
 
     def counting(*args, **kwargs):
         calls["branch"] += 1
         return original(*args, **kwargs)
 
+    def counting_fit(self, *args, **kwargs):
+        calls["fit"] += 1
+        return original_fit(self, *args, **kwargs)
+
     monkeypatch.setattr(dyna, "branched_rollout", counting)
+    monkeypatch.setattr(ProbabilisticEnsemble, "fit", counting_fit)
     mixes = []
     original_mix = dyna.mixed_batch
 
@@ -495,11 +501,12 @@ def test_stop_after_ends_imagination_and_keeps_the_run_before_it(tmp_path, monke
     monkeypatch.setattr(dyna, "mixed_batch", recording)
     args = ["run", "mba", *TINY, *TINY_MODEL, "branch.rollout_batch_size=8", "--env", "pendulum"]
     assert cli.main([*args, "--runs-dir", str(tmp_path), "--name", "all"]) == 0
-    assert calls["branch"] == 4 and all(mixes)
-    calls["branch"], mixes[:] = 0, []
+    assert calls == {"fit": 4, "branch": 4} and all(mixes)
+    calls.update(fit=0, branch=0)
+    mixes.clear()
     stopped = [*args, "branch.stop_after=200"]
     assert cli.main([*stopped, "--runs-dir", str(tmp_path), "--name", "stop"]) == 0
-    assert calls["branch"] == 2
+    assert calls == {"fit": 2, "branch": 2}
     # one update per env step 100 ... 400; the first 101 (to step 200) mix in imagined data
     assert len(mixes) == 301 and all(mixes[:101]) and not any(mixes[101:])
     full, stop = _rows(tmp_path / "all"), _rows(tmp_path / "stop")
