@@ -729,6 +729,7 @@ def train(
                 "so nothing would be imagined; raise it, or run the model-free learner"
             )
         rollout_every = b.rollout_every or cfg.model.train_every
+    stop_after = cfg.branch.stop_after if use == "branch" else None  # last env step imagining
     dev = resolve_device(device)
     spec = envs.make(cfg.env)
     env, eval_env = spec.make(), spec.make()
@@ -813,10 +814,8 @@ def train(
 
             # --- where the model is used: refit, then branch rollouts
             learning = env_steps >= cfg.start_steps
-            imagining = use != "branch" or (
-                cfg.branch.stop_after is None or env_steps <= cfg.branch.stop_after
-            )
-            if use == "branch" and not imagining:
+            imagining = stop_after is None or env_steps <= stop_after
+            if not imagining:
                 length = 0
             if model is not None and learning and imagining:
                 since = env_steps - cfg.start_steps
