@@ -730,6 +730,7 @@ def train(
             )
         rollout_every = b.rollout_every or cfg.model.train_every
     stop_after = cfg.branch.stop_after if use == "branch" else None  # last env step imagining
+    real_ratio = cfg.branch.real_ratio if use == "branch" else 1.0
     dev = resolve_device(device)
     spec = envs.make(cfg.env)
     env, eval_env = spec.make(), spec.make()
@@ -835,6 +836,7 @@ def train(
             # --- G learner updates
             if learning:
                 t0 = time.perf_counter()
+                imagined_data = model_buffer if imagining else None
                 for _ in range(cfg.updates_per_step):
                     if use == "mve":
                         real = buffer.sample(cfg.learner.batch_size, gen)
@@ -852,10 +854,8 @@ def train(
                         )
                         s = learner.update(vb.transitions, vb.target_q, actor_obs=real.obs)
                     else:
-                        ratio = cfg.branch.real_ratio if use == "branch" else 1.0
-                        imagined_data = model_buffer if imagining else None
                         batch = mixed_batch(
-                            buffer, imagined_data, cfg.learner.batch_size, ratio, gen
+                            buffer, imagined_data, cfg.learner.batch_size, real_ratio, gen
                         )
                         s = learner.update(batch)
                     check_learner_stats(s, cfg.q_limit)
