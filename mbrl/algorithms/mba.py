@@ -19,7 +19,10 @@ Why a uniform imagination policy is offered: NAF's mu(s) and P(s) learn only fro
 advantage term ``-(a - mu)^T P (a - mu) / 2`` of transitions whose action differs from mu(s).
 Imagined steps under the exploration policy sit within its small noise of mu(s), so they train
 V(s) but carry little signal for mu or P. On Pendulum, seeds 0-9, uniform imagined actions
-scored the same as the exploration policy over the curve (experiments/mba_pendulum.yaml).
+scored the same as the exploration policy over the curve (experiments/RESULTS.md).
+Longer rollouts under the exploration policy earn their keep differently: they carry the
+current policy into states the real data has not visited. The measured settings use them: 20
+steps on Pendulum, 5 on InvertedPendulum (experiments/mba_*.yaml).
 """
 
 from __future__ import annotations
