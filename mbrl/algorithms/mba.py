@@ -48,9 +48,9 @@ class Config(ModelBasedConfig):
             rollout_batch_size=5_000, min_length=1, max_length=1, real_ratio=0.5
         )
     )
-    """Imagination rollouts: 5,000 starts per model fit, k = 1, half real data per batch. These
-    defaults are a short generic run; the measured Pendulum settings (250 random steps, 20-step
-    rollouts under the exploration policy) are in experiments/mba_pendulum.yaml."""
+    """Imagination rollouts: 5,000 starts per model fit, k = 1, half real data per batch. The
+    measured Pendulum settings (250 random steps, 20-step rollouts under the exploration policy)
+    are in experiments/mba_pendulum.yaml."""
 
 
 def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
