@@ -5,13 +5,16 @@ through the shared rollout interface: :meth:`DynamicsModel.rollout_start` turns 
 observations ``[B, X]`` into ``B * P`` particles (candidate-major: particle ``p`` of start ``b``
 at row ``b * P + p``), and :meth:`DynamicsModel.rollout_step` advances every particle by one
 sampled step. :meth:`DynamicsModel.predict` gives the one-step predictive distribution.
-Models with differentiable mean dynamics also implement :class:`DifferentiableModel`.
+Optional capabilities are their own runtime-checkable protocols, tested with ``isinstance``:
+:class:`DifferentiableModel` (autograd-able mean dynamics), :class:`Linearizable` (Jacobians,
+optionally time-indexed), :class:`CasadiModel` (a symbolic twin for NMPC) and :class:`Filter`
+(a belief over a hidden state, updated from every real observation; latent models).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -81,6 +84,24 @@ class RolloutState:
     hidden: torch.Tensor | None = None  # [B * P, Z] model-specific
 
 
+@dataclass(frozen=True)
+class Belief:
+    """A filter's posterior over the hidden state of ``B`` real systems.
+
+    ``mean`` is what a planner starts from (a latent model's posterior features, a Kalman
+    filter's mean); ``cov`` and ``hidden`` are filter-specific (a Kalman covariance, an RSSM's
+    recurrent state).
+    """
+
+    mean: torch.Tensor  # [B, Z]
+    cov: torch.Tensor | None = None  # [B, Z, Z]
+    hidden: torch.Tensor | None = None  # [B, ...] filter-specific
+
+    @property
+    def batch(self) -> int:
+        return self.mean.shape[0]
+
+
 @runtime_checkable
 class DynamicsModel(Protocol):
     """The contract every dynamics model fulfils (ensemble, GP, latent model, ground truth)."""
@@ -89,8 +110,9 @@ class DynamicsModel(Protocol):
     act_dim: int
     learns_reward: bool  # True when rollout_step also predicts the reward
 
-    def fit(self, data: Transitions) -> FitReport:
-        """Fit on real transitions and report the losses."""
+    def fit(self, data: Transitions, generator: torch.Generator | None = None) -> FitReport:
+        """Fit on real transitions (shuffles and initial draws from ``generator``) and report
+        the losses."""
         ...
 
     def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:
@@ -100,7 +122,8 @@ class DynamicsModel(Protocol):
     def rollout_start(
         self, obs: torch.Tensor, particles: int, generator: torch.Generator | None
     ) -> RolloutState:
-        """Start ``particles`` rollouts from each row of ``obs [B, X]``: state of ``B * P`` rows."""
+        """Start ``particles`` rollouts from each row of ``obs [B, X]`` (a :class:`Filter` also
+        takes a :class:`Belief` of ``B`` rows): state of ``B * P`` rows, start-major."""
         ...
 
     def rollout_step(
@@ -116,4 +139,55 @@ class DifferentiableModel(Protocol):
 
     def mean_dynamics(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """Mean next observation ``[B, X]`` for ``obs [B, X]``, ``act [B, U]``; autograd-able."""
+        ...
+
+
+@runtime_checkable
+class Linearizable(Protocol):
+    """Models that give the Jacobians of their mean one-step dynamics themselves (closed form,
+    finite differences, or a time-varying linear-Gaussian fit that is indexed by ``t``)."""
+
+    def linearize(
+        self, x: torch.Tensor, u: torch.Tensor, t: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A = df/dx [B, X, X]`` and ``B = df/du [B, X, U]`` at rows ``x [B, X]``,
+        ``u [B, U]``; ``t [B]`` (long) is each row's time index for time-varying models and
+        is ignored by time-invariant ones."""
+        ...
+
+
+@runtime_checkable
+class CasadiModel(Protocol):
+    """Models with a symbolic casadi twin of their discrete step, for NMPC (IPOPT)."""
+
+    obs_dim: int
+    act_dim: int
+    dt: float  # seconds per step (collocation integrates ``ode_casadi`` over it)
+
+    def step_casadi(self, x: Any, u: Any) -> Any:
+        """Symbolic next state ``[X, 1]`` of columns ``x [X, 1]``, ``u [U, 1]`` (SX or MX)."""
+        ...
+
+    def ode_casadi(self, x: Any, u: Any) -> Any:
+        """Symbolic time derivative ``x_dot [X, 1]`` (direct collocation)."""
+        ...
+
+
+@runtime_checkable
+class Filter(Protocol):
+    """Models whose state is hidden: they keep a belief updated from every real observation.
+
+    :class:`~mbrl.control.mpc.MPCController` calls :meth:`observe` on every env step with the
+    action that led to ``obs`` (``None`` right after :meth:`reset_belief`) and plans from the
+    belief; ``rollout_start`` accepts that belief.
+    """
+
+    def reset_belief(self, batch: int = 1) -> Belief:
+        """The prior belief of ``batch`` systems before any observation."""
+        ...
+
+    def observe(
+        self, belief: Belief, obs: torch.Tensor, prev_act: torch.Tensor | None
+    ) -> Belief:
+        """Posterior after ``obs [B, ...]``, reached under ``prev_act [B, U]`` from ``belief``."""
         ...
