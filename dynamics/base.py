@@ -1,10 +1,11 @@
 """The dynamics-model seam: what every model of p(s', r | s, a) offers.
 
-A model is fitted on :class:`Transitions` and returns a :class:`FitReport`. Planners use it
-through the shared rollout interface: :meth:`DynamicsModel.rollout_start` turns real
-observations ``[B, X]`` into ``B * P`` particles (candidate-major: particle ``p`` of start ``b``
-at row ``b * P + p``), and :meth:`DynamicsModel.rollout_step` advances every particle by one
-sampled step. :meth:`DynamicsModel.predict` gives the one-step predictive distribution.
+A model is fitted on :class:`~mbrl.data.Transitions` (re-exported here) and returns a
+:class:`FitReport`. Planners use it through the shared rollout interface:
+:meth:`DynamicsModel.rollout_start` turns real observations ``[B, X]`` into ``B * P`` particles
+(candidate-major: particle ``p`` of start ``b`` at row ``b * P + p``), and
+:meth:`DynamicsModel.rollout_step` advances every particle by one sampled step.
+:meth:`DynamicsModel.predict` gives the one-step predictive distribution.
 Optional capabilities are their own runtime-checkable protocols, tested with ``isinstance``:
 :class:`DifferentiableModel` (autograd-able mean dynamics), :class:`Linearizable` (Jacobians,
 optionally time-indexed), :class:`CasadiModel` (a symbolic twin for NMPC) and :class:`Filter`
@@ -18,27 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-
-@dataclass(frozen=True)
-class Transitions:
-    """A batch of real transitions, the input of :meth:`DynamicsModel.fit`."""
-
-    obs: torch.Tensor  # [B, X]
-    act: torch.Tensor  # [B, U]
-    next_obs: torch.Tensor  # [B, X]
-    reward: torch.Tensor  # [B]
-    terminated: torch.Tensor  # [B] bool
-
-    def __len__(self) -> int:
-        return self.obs.shape[0]
-
-    def to(self, device: torch.device | str) -> Transitions:
-        return Transitions(
-            *(
-                t.to(device)
-                for t in (self.obs, self.act, self.next_obs, self.reward, self.terminated)
-            )
-        )
+from mbrl.data import Transitions  # re-exported: the data layer lives in mbrl.data
 
 
 @dataclass(frozen=True)
@@ -186,8 +167,6 @@ class Filter(Protocol):
         """The prior belief of ``batch`` systems before any observation."""
         ...
 
-    def observe(
-        self, belief: Belief, obs: torch.Tensor, prev_act: torch.Tensor | None
-    ) -> Belief:
+    def observe(self, belief: Belief, obs: torch.Tensor, prev_act: torch.Tensor | None) -> Belief:
         """Posterior after ``obs [B, ...]``, reached under ``prev_act [B, U]`` from ``belief``."""
         ...

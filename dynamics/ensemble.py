@@ -118,8 +118,9 @@ class ProbabilisticEnsemble(nn.Module):
             input std is held at ``inf``, so they normalize to 0 and the first layer gets
             nothing from them.
         device: where parameters live (``None``: CPU).
-        seed: seeds the model's own ``torch.Generator`` (CPU), used for the initial weights,
-            the validation split, bootstraps and minibatch shuffles.
+        seed: seeds the model's own ``torch.Generator`` (CPU), used for the initial weights
+            and, when :meth:`fit` is given no generator, the validation split, bootstraps and
+            minibatch shuffles.
     """
 
     def __init__(
@@ -309,8 +310,11 @@ class ProbabilisticEnsemble(nn.Module):
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, data: Transitions) -> FitReport:
+    def fit(self, data: Transitions, generator: torch.Generator | None = None) -> FitReport:
         """Train every member on ``data`` (PETS sec. 4.2) and pick the elites.
+
+        ``generator`` (default: the model's own, :attr:`generator`) draws the validation split,
+        the bootstrap resamples and the minibatch shuffles, on its own device.
 
         The normalizer is re-fitted on the training split, then training continues from the
         current weights and optimizer state (PETS retrains after each trial). A random
@@ -341,7 +345,8 @@ class ProbabilisticEnsemble(nn.Module):
                 f"(val_fraction={self.val_fraction}), fewer than batch_size={self.batch_size}; "
                 "collect more transitions or lower batch_size / val_fraction"
             )
-        perm = torch.randperm(n, generator=self.generator).to(inputs.device)
+        gen = self.generator if generator is None else generator
+        perm = torch.randperm(n, generator=gen, device=gen.device).to(inputs.device)
         train_idx, val_idx = perm[:n_train], perm[n_train:]
         x_train, y_train = inputs[train_idx], targets[train_idx]
         x_val, y_val = inputs[val_idx], targets[val_idx]
@@ -351,7 +356,7 @@ class ProbabilisticEnsemble(nn.Module):
 
         e = self.ensemble_size
         if self.bootstrap:
-            rows = torch.randint(n_train, (e, n_train), generator=self.generator)  # [E, n]
+            rows = torch.randint(n_train, (e, n_train), generator=gen, device=gen.device)  # [E, n]
         else:
             rows = torch.arange(n_train).expand(e, n_train)  # [E, n]
         rows = rows.to(inputs.device)
@@ -364,7 +369,7 @@ class ProbabilisticEnsemble(nn.Module):
         best_member_loss = torch.zeros(e)
         for epoch in range(self.max_epochs):
             self.train()
-            order = torch.argsort(torch.rand(e, n_train, generator=self.generator), dim=1)
+            order = torch.argsort(torch.rand(e, n_train, generator=gen, device=gen.device), dim=1)
             epoch_rows = rows.gather(1, order.to(rows.device))  # [E, n] per-member shuffle
             total = torch.zeros((), device=inputs.device)
             for i in range(n_batches):

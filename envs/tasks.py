@@ -1,4 +1,6 @@
-"""The registry entries: eight gymnasium tasks with batched torch reward and termination.
+"""The registry entries: ten gymnasium tasks with batched torch reward and termination (eight
+with box actions, and the discrete-action CartPole-v1 and Acrobot-v1 of
+:mod:`mbrl.envs.discrete`).
 
 Every ``reward_fn(obs [..., X], act [..., U], next_obs [..., X]) -> [...]`` and
 ``termination_fn(next_obs [..., X]) -> bool [...]`` here reproduces the env's own ``step`` (read
@@ -25,7 +27,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mbrl.envs import cartpole
+from mbrl.envs import cartpole, discrete
 from mbrl.envs.registry import names, register
 from mbrl.envs.spec import EnvSpec, never_terminates
 
@@ -299,11 +301,13 @@ SPECS: dict[str, Callable[[], EnvSpec]] = {
     "pusher": _pusher,
     "half-cheetah": _half_cheetah,
     "hopper": _hopper,
+    "CartPole-v1": discrete.cartpole_v1,
+    "Acrobot-v1": discrete.acrobot_v1,
 }
 
 
 def register_all() -> None:
-    """Register the eight tasks (and the two custom gymnasium ids); safe to call twice."""
+    """Register the ten tasks (and the two custom gymnasium ids); safe to call twice."""
     cartpole.register_with_gymnasium()
     registered = set(names())
     for name, factory in SPECS.items():

@@ -383,3 +383,27 @@ def test_ignored_obs_are_never_read_but_still_predicted():
     assert math.isinf(m.in_std[0])
     with pytest.raises(ValueError, match="ignored_obs"):
         ProbabilisticEnsemble(3, 2, ignored_obs=(3,))
+
+
+def test_fit_takes_a_generator_with_the_seam_signature():
+    """``fit(data, generator=None)``: no generator uses the model's own (same numbers as a copy
+    of it passed in); an explicit generator decides the split, bootstraps and shuffles."""
+    import inspect
+
+    params = list(inspect.signature(ProbabilisticEnsemble.fit).parameters)
+    assert params[:3] == ["self", "data", "generator"]
+    data = _transitions(200, 3, 2)
+    kwargs = dict(ensemble_size=3, hidden_size=16, num_layers=2, num_elites=2, max_epochs=3)
+    own = ProbabilisticEnsemble(3, 2, seed=0, **kwargs)
+    given = ProbabilisticEnsemble(3, 2, seed=0, **kwargs)
+    other = ProbabilisticEnsemble(3, 2, seed=0, **kwargs)
+    twin = torch.Generator().set_state(given.generator.get_state())
+    r_own, r_given = own.fit(data), given.fit(data, generator=twin)
+    assert r_own.train_loss == r_given.train_loss
+    r_other = other.fit(data, torch.Generator().manual_seed(7))
+    assert r_other.train_loss != r_own.train_loss
+    # the model's own generator is untouched when another one is given
+    assert torch.equal(
+        other.generator.get_state(),
+        ProbabilisticEnsemble(3, 2, seed=0, **kwargs).generator.get_state(),
+    )

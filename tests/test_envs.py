@@ -283,3 +283,142 @@ def test_position_obs_do_not_change_the_dynamics(name: str) -> None:
     assert math.isclose(ra, rb, abs_tol=1e-9)
     a.close()
     b.close()
+
+
+# ---------------------------------------------------------------- discrete actions
+
+DISCRETE = ["CartPole-v1", "Acrobot-v1"]
+
+
+def _discrete_rollouts(name: str, steps: int, seed: int = 0, near_goal: bool = False):
+    """``steps`` random-index transitions across resets, actions stored as the index's action
+    vector. ``near_goal`` (Acrobot) starts every step from a random state near the goal height,
+    so that both outcomes of the termination test occur."""
+    spec = mbrl.envs.make(name)
+    env = spec.make()
+    env.action_space.seed(seed)
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {k: [] for k in ("obs", "act", "next_obs", "reward", "terminated")}
+    obs, _ = env.reset(seed=seed)
+    episode = 0
+    for _ in range(steps):
+        if near_goal:
+            t1, t2 = rng.uniform(np.pi - 1.0, np.pi + 1.0), rng.uniform(-1.0, 1.0)
+            dt1, dt2 = rng.uniform(-1.0, 1.0, size=2)
+            env.unwrapped.state = np.array([t1, t2, dt1, dt2])
+            obs = np.array(
+                [np.cos(t1), np.sin(t1), np.cos(t2), np.sin(t2), dt1, dt2], dtype=np.float32
+            )
+        index = env.action_space.sample()
+        nxt, rew, term, trunc, _ = env.step(index)
+        for k, v in zip(rows, (obs, spec.action_vector(index), nxt, rew, term), strict=True):
+            rows[k].append(v)
+        obs = nxt
+        if term or trunc:
+            episode += 1
+            obs, _ = env.reset(seed=seed + episode)
+    env.close()
+    out = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in rows.items()}
+    out["terminated"] = torch.as_tensor(rows["terminated"])
+    return out
+
+
+@pytest.mark.parametrize("name", DISCRETE)
+def test_discrete_reward_and_termination_equal_the_env(name: str) -> None:
+    spec = mbrl.envs.make(name)
+    assert spec.discrete and spec.action_values.shape == (spec.num_actions, spec.act_dim)
+    batches = [_discrete_rollouts(name, 400)]
+    if name == "Acrobot-v1":  # random play rarely reaches the goal
+        batches.append(_discrete_rollouts(name, 300, seed=1, near_goal=True))
+    for r in batches:
+        reward = spec.reward_fn(r["obs"], r["act"], r["next_obs"])
+        assert reward.dtype == torch.float32 and torch.equal(reward, r["reward"])
+        term = spec.termination_fn(r["next_obs"])
+        assert term.dtype == torch.bool and torch.equal(term, r["terminated"])
+    seen = torch.cat([r["terminated"] for r in batches])
+    assert seen.any() and not seen.all()  # both outcomes compared
+    # any leading batch
+    r = batches[-1]
+    shaped = spec.termination_fn(r["next_obs"][:300].reshape(3, 100, -1))
+    assert torch.equal(shaped.reshape(-1), spec.termination_fn(r["next_obs"][:300]))
+
+
+@pytest.mark.parametrize("name", DISCRETE)
+def test_discrete_spec_matches_env(name: str) -> None:
+    spec = mbrl.envs.make(name)
+    env = spec.make()
+    assert env.action_space == gym.spaces.Discrete(spec.num_actions)
+    assert env.observation_space.shape == (spec.obs_dim,)
+    assert env.spec.max_episode_steps == spec.max_episode_steps
+    assert spec.description and spec.solved_return is not None
+    np.testing.assert_array_equal(spec.action_low, spec.action_values.min(axis=0))
+    np.testing.assert_array_equal(spec.action_high, spec.action_values.max(axis=0))
+    values = spec.discrete_actions()
+    assert values.dtype == torch.float32 and values.shape == (spec.num_actions, spec.act_dim)
+    check_env(env.unwrapped, skip_render_check=True)
+    env.close()
+
+
+def test_discrete_envs_are_listed() -> None:
+    assert {"CartPole-v1", "Acrobot-v1"} <= set(mbrl.envs.names())
+
+
+def test_env_action_maps_vectors_and_refuses_mismatches() -> None:
+    cart, box = mbrl.envs.make("CartPole-v1"), mbrl.envs.make("pendulum")
+    # a planner's vector -> nearest value's index; indices pass; vectors of indices round-trip
+    assert cart.env_action(np.array([0.2], dtype=np.float32)) == 1
+    assert cart.env_action(torch.tensor([-0.7])) == 0
+    assert cart.env_action(1) == 1
+    idx = cart.action_index(torch.tensor([[[-2.0], [0.1]], [[0.9], [-0.1]]]))
+    assert idx.tolist() == [[0, 1], [1, 0]] and idx.dtype == torch.long
+    np.testing.assert_array_equal(cart.action_vector(np.array([1, 0])), [[1.0], [-1.0]])
+    # a vector where the env expects an index
+    env = cart.make()
+    env.reset(seed=0)
+    with pytest.raises(TypeError, match=r"takes an action index in \[0, 2\).*env_action"):
+        env.step(np.array([1.0], dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\[0, 2\), got 2"):
+        env.step(2)
+    env.close()
+    # an index where a box env expects a vector
+    with pytest.raises(TypeError, match=r"box action space.*vectors \[U=1\].*index 1"):
+        box.env_action(1)
+    with pytest.raises(ValueError, match=r"expected an action vector \[U=1\], got \[2\]"):
+        box.env_action(np.zeros(2, dtype=np.float32))
+    np.testing.assert_array_equal(box.env_action([0.5]), np.array([0.5], dtype=np.float32))
+    with pytest.raises(ValueError, match="box action space.*discretize"):
+        box.action_vector(0)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        cart.action_vector(5)
+
+
+def test_discretize_grid_shapes_and_env() -> None:
+    from mbrl.envs.discrete import discretize
+
+    reacher = mbrl.envs.make("reacher")
+    spec = discretize(reacher, 3)
+    assert spec.discrete and spec.num_actions == 9 and spec.act_dim == 2
+    assert spec.action_values.shape == (9, 2) and spec.action_values.dtype == np.float32
+    # last dimension fastest, bounds included
+    np.testing.assert_array_equal(spec.action_values[:3], [[-1, -1], [-1, 0], [-1, 1]])
+    np.testing.assert_array_equal(spec.action_values[-1], reacher.action_high)
+    assert len({tuple(v) for v in spec.action_values}) == 9
+    assert spec.reward_fn is reacher.reward_fn and spec.max_episode_steps == 50
+    pend = discretize(mbrl.envs.make("pendulum"), 5)
+    np.testing.assert_allclose(pend.action_values[:, 0], [-2, -1, 0, 1, 2])
+    # the wrapped env takes the index and plays its vector: same step as the box env
+    a, b = spec.make(), reacher.make()
+    a.reset(seed=3)
+    b.reset(seed=3)
+    na, ra, *_ = a.step(5)
+    nb, rb, *_ = b.step(spec.action_values[5])
+    np.testing.assert_array_equal(na, nb)
+    assert ra == rb
+    with pytest.raises(TypeError, match="action index"):
+        a.step(spec.action_values[5])
+    a.close()
+    b.close()
+    with pytest.raises(ValueError, match="per_dim must be an int >= 2"):
+        discretize(reacher, 1)
+    with pytest.raises(ValueError, match="already discrete"):
+        discretize(spec, 3)

@@ -284,3 +284,19 @@ def test_gp_mpc_runs_and_resumes(tmp_path):
     again = module.train(cfg, Run(tmp_path / "run", cfg))
     assert again.returns == summary.returns
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_fit_takes_a_generator_with_the_seam_signature():
+    """``fit(data, generator=None)`` like every model; the same generator state gives the same
+    fit."""
+    import inspect
+
+    params = list(inspect.signature(GaussianProcessModel.fit).parameters)
+    assert params[:3] == ["self", "data", "generator"]
+    data = toy(60, 16)
+    reports = []
+    for _ in range(2):
+        model = GaussianProcessModel(2, 1, iterations=5, val_fraction=0.2, seed=0)
+        reports.append(model.fit(data, torch.Generator().manual_seed(5)))
+    assert reports[0].train_loss == reports[1].train_loss
+    assert reports[0].val_loss == reports[1].val_loss
