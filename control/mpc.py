@@ -1,10 +1,21 @@
 """The one MPC loop: any planner on any planning problem, receding horizon with warm start.
 
 Every ``replan_every`` steps the controller plans from the current observation, warm-started
-with the previous plan shifted by the steps taken since (the tail is filled with the middle of
-the action bounds); a plan that carries elites (iCEM) hands them back shifted as
-``warm_elites``. Between replans it plays the stored plan, adding the plan's time-varying
-feedback ``K[t] (x - x_ref[t])`` when the planner provides it (LQR, iLQR).
+with what the previous plan declared (:meth:`~mbrl.planners.base.Plan.warm_start`: its actions,
+and whatever else the planner keeps, such as iCEM's elites) shifted by the steps taken since
+(:func:`~mbrl.planners.base.shift_warm`; every ``[..., H, U]`` tensor is shifted and the tail
+filled with the middle of the action bounds). The controller knows no planner's field names.
+Between replans it plays the stored plan, adding the plan's time-varying feedback
+``K[t] (x - x_ref[t])`` when the planner provides it (LQR, iLQR).
+
+When the problem's model is a :class:`~mbrl.dynamics.base.Filter` (a latent model, a Kalman
+filter) the controller keeps a belief: :meth:`MPCController.reset` takes the prior
+(``reset_belief(1)``), every :meth:`MPCController.act` updates it with the real observation
+and the action that led to it (``observe(belief, obs [1, ...], prev_act [1, U] or None)``),
+also between replans, and the planner plans from the belief; feedback gains act on the belief
+mean. For a discrete problem (``action_values [A, U]``) the actions are action vectors (rows of
+``action_values``), and the shifted tail is filled with the action value nearest the middle of
+the bounds.
 """
 
 from __future__ import annotations
@@ -18,7 +29,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mbrl.planners.base import Plan, Planner, PlanningProblem, shift_actions
+from mbrl.data import Episode
+from mbrl.dynamics.base import Belief, Filter
+from mbrl.planners.base import Plan, Planner, PlanningProblem, WarmStart, shift_warm
 
 
 class Policy(Protocol):
@@ -57,10 +70,17 @@ class MPCController:
 
     Args:
         planner: any :class:`~mbrl.planners.base.Planner`.
-        problem: the planning problem (model, reward, horizon, bounds, particles).
+        problem: the planning problem (model, reward, horizon, bounds, particles). When its
+            model is a :class:`~mbrl.dynamics.base.Filter`, plans start from the belief.
         replan_every: ``k``; plan every ``k`` env steps and play the plan in between
             (``1 <= k <= H``).
         device: where observations are moved before planning.
+
+    Attributes:
+        plan: the stored plan (``None`` before the first :meth:`act` of an episode).
+        belief: the filter's current belief of one row (``None`` when the model is no
+            filter).
+        stats: running counts (:class:`MPCStats`).
     """
 
     def __init__(
@@ -79,37 +99,52 @@ class MPCController:
         self.replan_every = replan_every
         self.device = torch.device(device)
         self.stats = MPCStats()
-        self._mid = ((problem.action_low + problem.action_high) / 2).to(self.device)  # [U]
-        self._low = problem.action_low.to(self.device)
-        self._high = problem.action_high.to(self.device)
+        self._low = problem.action_low.to(self.device)  # [U]
+        self._high = problem.action_high.to(self.device)  # [U]
+        mid = (self._low + self._high) / 2  # [U]
+        if problem.action_values is not None:  # the valid action nearest the middle
+            values = problem.action_values.to(self.device)  # [A, U]
+            mid = values[torch.argmin(((values - mid) ** 2).sum(dim=-1))]
+        self._mid = mid  # [U] fill of the shifted tail
+        self._filter: Filter | None = problem.model if isinstance(problem.model, Filter) else None
         self.reset()
 
     def reset(self) -> None:
-        """Forget the stored plan (call at every episode start)."""
+        """Forget the stored plan and, for a filter, restart the belief from its prior (call at
+        every episode start)."""
         self.plan: Plan | None = None
+        self._warm: WarmStart | None = None  # what the stored plan declared for the next call
         self._t = 0  # steps played from the current plan
+        self._prev_act: torch.Tensor | None = None  # [U] the action played last
+        self.belief: Belief | None = None
+        if self._filter is not None:
+            self.belief = self._filter.reset_belief(1)
 
     def reset_stats(self) -> None:
         self.stats = MPCStats()
 
-    def warm_start(self) -> torch.Tensor | None:
-        """The stored plan shifted by the steps played, padded with mid-bound actions."""
-        if self.plan is None:
+    def warm_start(self) -> WarmStart | None:
+        """The stored plan's warm start shifted by the steps played, padded with mid-bound
+        actions (``None`` before the first plan of an episode)."""
+        if self._warm is None:
             return None
-        return shift_actions(self.plan.actions, self._t, self._mid)
+        return shift_warm(self._warm, self._t, self._mid)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
+        """The action ``[U]`` for the real observation ``obs [X]`` (``[...]`` for a filter)."""
         x = torch.as_tensor(obs, dtype=torch.float32, device=self.device)  # [X]
+        if self._filter is not None:
+            prev = None if self._prev_act is None else self._prev_act[None]  # [1, U]
+            self.belief = self._filter.observe(self.belief, x[None], prev)
+            x0: torch.Tensor | Belief = self.belief
+            x_now = self.belief.mean[0]  # [Z] what feedback gains act on
+        else:
+            x0 = x_now = x
         if self.plan is None or self._t >= self.replan_every:
             start = time.perf_counter()
             before = self.problem.nonfinite
-            if self.plan is not None and self.plan.elites is not None:  # iCEM's shifted elites
-                elites = shift_actions(self.plan.elites, self._t, self._mid)
-                self.plan = self.planner.plan(
-                    self.problem, x, self.warm_start(), warm_elites=elites
-                )
-            else:
-                self.plan = self.planner.plan(self.problem, x, self.warm_start())
+            self.plan = self.planner.plan(self.problem, x0, self.warm_start())
+            self._warm = self.plan.warm_start()
             self.stats.plans += 1
             self.stats.plan_seconds += time.perf_counter() - start
             self.stats.nonfinite += self.problem.nonfinite - before
@@ -117,29 +152,11 @@ class MPCController:
             self._t = 0
         u = self.plan.actions[self._t]
         if self.plan.K is not None and self.plan.x_ref is not None:
-            u = u + self.plan.K[self._t] @ (x - self.plan.x_ref[self._t])
+            u = u + self.plan.K[self._t] @ (x_now - self.plan.x_ref[self._t])
             u = torch.minimum(torch.maximum(u, self._low), self._high)
         self._t += 1
+        self._prev_act = u.detach()
         return u.detach().cpu().numpy().astype(np.float32)
-
-
-@dataclass(frozen=True)
-class Episode:
-    """One real episode."""
-
-    obs: np.ndarray  # [T + 1, X]
-    act: np.ndarray  # [T, U]
-    reward: np.ndarray  # [T]
-    terminated: np.ndarray  # [T] bool
-    truncated: bool
-    seconds: float  # wall time of the whole episode
-
-    @property
-    def ret(self) -> float:
-        return float(self.reward.sum())
-
-    def __len__(self) -> int:
-        return len(self.reward)
 
 
 def run_episode(

@@ -7,10 +7,17 @@
 - :func:`multistep_error`: open-loop prediction error along real trajectories: from every start
   ``t`` the model's mean dynamics are iterated ``k`` steps under the recorded actions and
   compared with the recorded observations; RMSE per number of steps ``1..k``.
+- :func:`open_loop_rollout`: ``P`` sampled open-loop model rollouts under recorded actions.
 - :func:`compare_models`: both of the above for several models on the same data (e.g. the GP
   against the probabilistic ensemble), as rows for :func:`to_markdown` / :func:`write_csv`.
 - :func:`plot_rollout`: predicted vs true trajectories, one panel per observation dimension,
-  with the particle mean and a ±2σ band over ``P`` sampled model rollouts.
+  with the particle mean and a ±2σ band over ``P`` sampled model rollouts. The rollouts are
+  loops over the planning step (:meth:`~mbrl.planners.base.PlanningProblem.start` /
+  :meth:`~mbrl.planners.base.PlanningProblem.step`), the same step the planners score with.
+
+:func:`multistep_error` iterates the mean dynamics (a
+:class:`~mbrl.dynamics.base.DifferentiableModel`'s ``mean_dynamics``, else the predictive mean
+of ``predict``), not sampled steps: it measures the error of the mean prediction.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from mbrl.dynamics.base import DynamicsModel, Transitions
+from mbrl.dynamics.base import DifferentiableModel, DynamicsModel, RolloutState, Transitions
+from mbrl.planners.base import PlanningProblem
 from mbrl.shapes import check_shape
 
 _Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -78,9 +86,9 @@ def one_step_scores(model: DynamicsModel, data: Transitions) -> OneStepScores:
 
 
 def _mean_step(model: DynamicsModel, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    f = getattr(model, "mean_dynamics", None)
-    if f is not None:
-        return f(obs, act)
+    """Mean next observation ``[B, X]`` of ``obs [B, X]`` under ``act [B, U]``."""
+    if isinstance(model, DifferentiableModel):
+        return model.mean_dynamics(obs, act)
     return model.predict(obs, act).mean
 
 
@@ -190,7 +198,7 @@ def plot_rollout(
 ) -> Path:
     """Save a PNG of the true trajectory ``obs [T + 1, X]`` against each model's open-loop
     prediction from ``obs[0]`` under ``act [T, U]``: the mean over ``particles`` sampled
-    rollouts (``rollout_start`` / ``rollout_step``) with a ±2σ band of their spread."""
+    rollouts (the planning step, :func:`open_loop_rollout`) with a ±2σ band of their spread."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,12 +214,7 @@ def plot_rollout(
         axes[i, 0].plot(t, obs[:, i].cpu().numpy(), color="black", lw=2, label="true")
         axes[i, 0].set_ylabel(names[i])
     for name, model in models.items():
-        state = model.rollout_start(obs[:1], particles, generator)
-        path_states = [state.obs]
-        for k in range(horizon):
-            state = model.rollout_step(state, act[k : k + 1].expand(particles, -1), generator)
-            path_states.append(state.obs)
-        traj = torch.stack(path_states)  # [T + 1, P, X]
+        traj = open_loop_rollout(model, obs[0], act, particles, generator)  # [T + 1, P, X]
         mean, std = traj.mean(1).cpu(), traj.std(1, correction=0).cpu()  # [T + 1, X]
         for i in range(dims):
             line = axes[i, 0].plot(t, mean[:, i].numpy(), label=f"{name} mean")[0]
@@ -233,3 +236,38 @@ def plot_rollout(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _no_reward(obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(obs.shape[0], device=obs.device)
+
+
+@torch.no_grad()
+def open_loop_rollout(
+    model: DynamicsModel,
+    x0: torch.Tensor,
+    act: torch.Tensor,
+    particles: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Observations ``[T + 1, P, X]`` of ``P`` sampled open-loop rollouts of ``model`` from
+    ``x0 [X]`` under ``act [T, U]`` (row 0 is the start).
+
+    A loop over the planning step (:meth:`~mbrl.planners.base.PlanningProblem.start` and
+    :meth:`~mbrl.planners.base.PlanningProblem.step` of a problem with no reward and no
+    termination), drawing from ``generator``; ``T >= 1``.
+    """
+    check_shape("x0", x0, (model.obs_dim,))
+    check_shape("act", act, ("T", model.act_dim))
+    if act.shape[0] < 1:
+        raise ValueError("act: expected at least one action [T >= 1, U], got none")
+    low, high = act.amin(dim=0).float(), act.amax(dim=0).float()  # [U] (the step never clips)
+    problem = PlanningProblem(
+        model, _no_reward, None, act.shape[0], low, high, particles, generator
+    )
+    state: RolloutState = problem.start(x0)  # [P] rows
+    states = [state.obs]
+    for k in range(act.shape[0]):
+        state = problem.step(state, act[k : k + 1].expand(particles, -1)).state
+        states.append(state.obs)
+    return torch.stack(states)  # [T + 1, P, X]

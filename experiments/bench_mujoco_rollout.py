@@ -3,8 +3,10 @@
 For each env (half-cheetah, cartpole-swingup) and batch size N, with horizon H:
 - ``gym_loop``: N gymnasium envs stepped one by one in Python (``set_state`` then H ``step``s),
   the way one would score N candidates without a batched simulator;
-- ``rollout_step``: the model seam, H calls of ``MujocoModel.rollout_step`` on N rows (what
-  ``PlanningProblem.evaluate`` does);
+- ``rollout_step``: the model seam alone, H calls of ``MujocoModel.rollout_step`` on N rows;
+- ``planning_step``: what the planners run, ``PlanningProblem.evaluate`` of the N candidates
+  from one start: one start, then H planning steps (model step, the env's torch reward and
+  termination, the non-finite policy);
 - ``rollout_actions``: the fast path, one native rollout of N x H control steps.
 Each number is control steps (N * H) per second, the best of ``repeats`` runs. Prints JSON.
 
@@ -25,6 +27,7 @@ import torch
 
 from mbrl.dynamics.mujoco_model import MujocoModel
 from mbrl.envs import make
+from mbrl.planners import PlanningProblem
 
 
 def _best(fn, repeats: int) -> float:
@@ -46,7 +49,7 @@ def _gym_loop(base, obs: np.ndarray, acts: np.ndarray) -> None:
 
 
 def _seam(model: MujocoModel, x0: torch.Tensor, acts: torch.Tensor) -> None:
-    """What ``PlanningProblem.evaluate`` does: one ``rollout_step`` per horizon step."""
+    """The model seam alone: one ``rollout_step`` per horizon step."""
     state = model.rollout_start(x0[None], acts.shape[0])
     for t in range(acts.shape[1]):
         state = model.rollout_step(state, acts[:, t])
@@ -68,6 +71,15 @@ def bench_env(name: str, sizes: list[int], horizon: int, nthread: int, repeats: 
         steps = n * horizon
         gym_s = _best(partial(_gym_loop, base, obs, acts), repeats if n <= 256 else 1)
         seam_s = _best(partial(_seam, model, x0, acts_t), repeats)
+        problem = PlanningProblem(
+            model,
+            spec.reward_fn,
+            spec.termination_fn,
+            horizon,
+            torch.as_tensor(spec.action_low),
+            torch.as_tensor(spec.action_high),
+        )
+        step_s = _best(partial(problem.evaluate, x0, acts_t), repeats)
         fast_s = _best(partial(model.rollout_actions, x0, acts_t), repeats)
         rows.append(
             {
@@ -76,6 +88,7 @@ def bench_env(name: str, sizes: list[int], horizon: int, nthread: int, repeats: 
                 "H": horizon,
                 "gym_loop_steps_per_s": steps / gym_s,
                 "rollout_step_steps_per_s": steps / seam_s,
+                "planning_step_steps_per_s": steps / step_s,
                 "rollout_actions_steps_per_s": steps / fast_s,
                 "speedup_rollout_actions_vs_gym": gym_s / fast_s,
                 "speedup_rollout_step_vs_gym": gym_s / seam_s,

@@ -9,6 +9,11 @@ run, same dtype). Settings:
 * ``halfcheetah``: PETS's HalfCheetah: ensemble 5 of 4 x 200, X=18, U=6, 20 particles,
   horizon 30, population 500, 5 iterations.
 
+Each plan is cold (no warm start) and starts the model once
+(:meth:`~mbrl.planners.base.PlanningProblem.start`), then scores every CEM population from that
+start: the same MLP work per plan as before the planning step existed, so the numbers compare
+with earlier runs.
+
     python experiments/bench_planning.py [--plans 5] [--threads N] [--settings cartpole]
 """
 
@@ -79,11 +84,11 @@ def bench(name: str, dtype: torch.dtype, plans: int) -> dict:
     )
     cem = CEM(population=s["population"], elite_fraction=0.1, iterations=ITERATIONS)
     x0 = torch.zeros(x)
-    cem.plan(problem, x0)  # warm-up
+    cem.plan(problem, x0, None)  # warm-up
     times = []
     for _ in range(plans):
         start = time.perf_counter()
-        cem.plan(problem, x0)
+        cem.plan(problem, x0, None)  # a cold plan (warm=None), as in every earlier run
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
     rows = s["population"] * PARTICLES

@@ -1,6 +1,18 @@
 """Planners on the shared planning problem."""
 
-from mbrl.planners.base import OK_STATUSES, Plan, Planner, PlanningProblem, shift_actions
+from mbrl.planners.base import (
+    OK_STATUSES,
+    Plan,
+    Planner,
+    PlanningProblem,
+    Prior,
+    StageCost,
+    Step,
+    ValueFn,
+    WarmStart,
+    shift_actions,
+    shift_warm,
+)
 from mbrl.planners.noise import colored_noise
 from mbrl.planners.sampling import CEM, MPPI, RandomShooting
 
@@ -11,9 +23,15 @@ __all__ = [
     "Plan",
     "Planner",
     "PlanningProblem",
+    "Prior",
     "RandomShooting",
+    "StageCost",
+    "Step",
+    "ValueFn",
+    "WarmStart",
     "colored_noise",
     "shift_actions",
+    "shift_warm",
 ]
 
 # gradient planners: LQR, iLQR / box-DDP (see mbrl.planners.lqr, mbrl.planners.ilqr)

@@ -302,8 +302,12 @@ class PlanningProblem:
             raise ShapeError(
                 f"actions: expected [B={b}, N, H, U] for {b} starts, got {list(actions.shape)}"
             )
-        acts = actions[None] if single else actions
-        check_shape("actions", acts, (b, "N", self.horizon, self.act_dim))
+        if single:
+            check_shape("actions", actions, ("N", self.horizon, self.act_dim))
+            acts = actions[None]  # [1, N, H, U]
+        else:
+            check_shape("actions", actions, (b, "N", self.horizon, self.act_dim))
+            acts = actions
         n = acts.shape[1]
         state = _repeat_rows(root, b, n, p)  # [B * N * P] rows
         rows = b * n * p

@@ -1,28 +1,37 @@
 """Sampling planners: random shooting, the cross-entropy method (with the iCEM options) and MPPI.
 
-All three score candidate action sequences ``[N, H, U]`` with
-:meth:`~mbrl.planners.base.PlanningProblem.evaluate` (returns ``[N]``, higher is better, minus
-infinity for rollouts that went non-finite) and draw every random number from
-``problem.generator`` (``None``: torch's default generator, and then no determinism is promised).
-Python loops run over optimizer iterations only; candidates are tensor rows.
+All three plan from one start, ``x0 [X]`` or a filter's
+:class:`~mbrl.dynamics.base.Belief` of one row: each plan starts the model once
+(:meth:`~mbrl.planners.base.PlanningProblem.start`, so a latent model encodes once per plan)
+and scores every population of candidate action sequences ``[N, H, U]`` from that started
+state with :meth:`~mbrl.planners.base.PlanningProblem.evaluate` (returns ``[N]``, higher is
+better, minus infinity for rollouts that went non-finite). Every random number is drawn from
+``problem.generator`` (``None``: torch's default generator, and then no determinism is
+promised), after the start. Python loops run over optimizer iterations only; candidates are
+tensor rows. The planners need a box action space: a discrete problem
+(:attr:`~mbrl.planners.base.PlanningProblem.discrete`) is refused.
 
 Non-finite rollouts: a candidate scored minus infinity is never returned while a finite one
 exists, never enters an elite mean or an MPPI weight, and is counted in :attr:`Plan.nonfinite`.
 When every candidate of a call is non-finite the planner returns its initial mean (the warm
 start, or the middle of the bounds) with ``status="all_nonfinite"``.
 
-Warm start: ``warm_start [H, U]`` (the MPC controller passes the previous plan shifted by the
+Warm start: ``warm.actions [H, U]`` of a :class:`~mbrl.planners.base.WarmStart` (the MPC
+controller passes the previous plan's :meth:`~mbrl.planners.base.Plan.warm_start` shifted by the
 steps played) is the initial mean of CEM and MPPI and is itself scored as one candidate of the
-first population of every planner, so a good previous plan is never lost.
+first population of every planner, so a good previous plan is never lost. ``warm.elites`` is
+read only by CEM with ``shift_elites=True`` (random shooting and MPPI ignore it).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from mbrl.planners.base import Plan, PlanningProblem, shift_actions  # noqa: F401
+from mbrl.dynamics.base import Belief, RolloutState
+from mbrl.planners.base import Plan, PlanningProblem, WarmStart
 from mbrl.planners.noise import colored_noise, uniform_noise, white_noise
 from mbrl.shapes import ShapeError, check_shape
 
@@ -45,18 +54,23 @@ class RandomShooting:
 
     @torch.inference_mode()
     def plan(
-        self, problem: PlanningProblem, x0: torch.Tensor, warm_start: torch.Tensor | None = None
+        self,
+        problem: PlanningProblem,
+        x0: torch.Tensor | Belief,
+        warm: WarmStart | None = None,
     ) -> Plan:
-        """Best of ``population`` uniform candidates ``[N, H, U]`` (plus the warm start)."""
-        low, high, mean0 = _setup(problem, x0, warm_start)
+        """Best of ``population`` uniform candidates ``[N, H, U]`` (the last one replaced by
+        ``warm.actions`` when given) from ``x0 [X]`` or a one-row belief."""
+        s = _setup(problem, x0, warm)
+        low, high, mean0 = s.low, s.high, s.mean0
         before = problem.nonfinite
         h, u = problem.horizon, problem.act_dim
         cand = low + (high - low) * uniform_noise(
-            (self.population, h, u), problem.generator, x0.device
+            (self.population, h, u), problem.generator, s.device
         )  # [N, H, U]
-        if warm_start is not None:
+        if warm is not None:
             cand[-1] = mean0
-        returns = problem.evaluate(x0, cand)  # [N]
+        returns = problem.evaluate(s.root, cand)  # [N]
         best = int(torch.argmax(returns))
         best_return = float(returns[best])
         nonfinite = problem.nonfinite - before
@@ -98,8 +112,12 @@ class CEM:
     - ``keep_elites_fraction``: the best ``round(keep_elites_fraction * K)`` (at least 1) elites
       of iteration ``i`` are added to the population of iteration ``i + 1`` and scored again.
     - ``shift_elites``: the best elites of the previous plan, shifted by the caller
-      (``warm_elites`` of :meth:`plan`, see :attr:`Plan.elites` and :func:`shift_actions`), are
-      added to the first population; as many as ``keep_elites_fraction`` keeps (at least 1).
+      (``warm.elites`` of :meth:`plan`: the plan returns ``Plan.warm =
+      WarmStart(actions, elites)`` with this call's last elites ``[K, H, U]``, best first, and
+      the controller shifts them with :func:`~mbrl.planners.base.shift_warm`), are added to the
+      first population; as many as ``keep_elites_fraction`` keeps (at least 1). Without
+      ``shift_elites`` the plan declares no elites (``Plan.warm`` is ``None``) and a warm start
+      that carries elites is refused, since they would be silently dropped.
 
     Stopping rule: exactly ``iterations`` refits, no early stop.
 
@@ -179,30 +197,34 @@ class CEM:
     def plan(
         self,
         problem: PlanningProblem,
-        x0: torch.Tensor,
-        warm_start: torch.Tensor | None = None,
-        warm_elites: torch.Tensor | None = None,
+        x0: torch.Tensor | Belief,
+        warm: WarmStart | None = None,
     ) -> Plan:
-        """Refit a Gaussian over ``[H, U]`` to the elites ``iterations`` times from ``x0 [X]``.
+        """Refit a Gaussian over ``[H, U]`` to the elites ``iterations`` times from ``x0 [X]``
+        (or a one-row belief).
 
         Args:
             problem: the planning problem; its generator drives all sampling.
-            x0: ``[X]`` start observation.
-            warm_start: ``[H, U]`` initial mean (and one first-iteration candidate), or ``None``.
-            warm_elites: ``[M, H, U]`` shifted elites of the previous plan, best first; only with
-                ``shift_elites=True``.
+            x0: ``[X]`` start observation, or a :class:`~mbrl.dynamics.base.Belief` of one row
+                when the model is a :class:`~mbrl.dynamics.base.Filter`.
+            warm: ``warm.actions [H, U]`` is the initial mean (and one first-iteration
+                candidate); ``warm.elites [M, H, U]`` (best first) are the previous plan's
+                shifted elites, only with ``shift_elites=True``. ``None``: a cold start.
         """
-        low, high, mean0 = _setup(problem, x0, warm_start)
+        s = _setup(problem, x0, warm)
+        low, high, mean0 = s.low, s.high, s.mean0
         h, u = problem.horizon, problem.act_dim
+        warm_elites = None if warm is None else warm.elites
         if warm_elites is not None:
             if not self.shift_elites:
                 raise ValueError(
-                    "warm_elites was given but shift_elites=False; construct CEM "
-                    "with shift_elites=True to reuse the previous elites"
+                    "warm.elites was given but shift_elites=False; construct CEM "
+                    "with shift_elites=True to reuse the previous elites, or pass "
+                    "WarmStart(actions) without elites"
                 )
-            _check_actions("warm_elites", warm_elites, ("M", h, u), "[M, H, U]")
+            _check_actions("warm.elites", warm_elites, ("M", h, u), "[M, H, U]")
             warm_elites = torch.minimum(torch.maximum(warm_elites.to(low), low), high)
-        gen, device = problem.generator, x0.device
+        gen, device = problem.generator, s.device
         before = problem.nonfinite
         mean = mean0.clone()  # [H, U]
         if self.init_std is None:
@@ -220,7 +242,7 @@ class CEM:
             cand = torch.minimum(torch.maximum(mean + std * noise, low), high)  # [n_i, H, U]
             extra = []
             if i == 0:
-                if warm_start is not None:
+                if warm is not None:
                     extra.append(mean0[None])
                 if warm_elites is not None:
                     extra.append(warm_elites[: self.num_reused])
@@ -228,7 +250,7 @@ class CEM:
                 extra.append(reused)
             if extra:
                 cand = torch.cat([cand, *extra], dim=0)  # [N_i, H, U]
-            returns = problem.evaluate(x0, cand)  # [N_i]
+            returns = problem.evaluate(s.root, cand)  # [N_i]
             candidates += cand.shape[0]
             k = min(self.num_elites, cand.shape[0])
             top_returns, top_idx = torch.topk(returns, k)  # [K], [K]
@@ -254,23 +276,22 @@ class CEM:
             "final_std_mean": float(std.mean()),
             "best_return": best,
         }
-        common = {
-            "iterations": self.iterations,
-            "elites": elites if self.shift_elites else None,
-            "diagnostics": diagnostics,
-        }
+        common = {"iterations": self.iterations, "diagnostics": diagnostics}
+
+        def plan_of(actions: torch.Tensor, ret: float, **kw: object) -> Plan:
+            warm_next = WarmStart(actions, elites=elites) if self.shift_elites else None
+            return Plan(actions, ret, warm=warm_next, **common, **kw)
+
         if not math.isfinite(best):
-            return Plan(
-                mean0, best, status="all_nonfinite", nonfinite=nonfinite_before_mean, **common
-            )
+            return plan_of(mean0, best, status="all_nonfinite", nonfinite=nonfinite_before_mean)
         if self.return_mean_or_best == "best":
-            return Plan(best_actions, best, nonfinite=nonfinite_before_mean, **common)
+            return plan_of(best_actions, best, nonfinite=nonfinite_before_mean)
         mean = torch.minimum(torch.maximum(mean, low), high)
-        mean_return = float(problem.evaluate(x0, mean[None])[0])
+        mean_return = float(problem.evaluate(s.root, mean[None])[0])
         nonfinite = problem.nonfinite - before
         if not math.isfinite(mean_return):
-            return Plan(best_actions, best, status="mean_nonfinite", nonfinite=nonfinite, **common)
-        return Plan(mean, mean_return, nonfinite=nonfinite, **common)
+            return plan_of(best_actions, best, status="mean_nonfinite", nonfinite=nonfinite)
+        return plan_of(mean, mean_return, nonfinite=nonfinite)
 
 
 class MPPI:
@@ -317,12 +338,17 @@ class MPPI:
 
     @torch.inference_mode()
     def plan(
-        self, problem: PlanningProblem, x0: torch.Tensor, warm_start: torch.Tensor | None = None
+        self,
+        problem: PlanningProblem,
+        x0: torch.Tensor | Belief,
+        warm: WarmStart | None = None,
     ) -> Plan:
-        """``iterations`` path-integral updates of the mean sequence ``[H, U]`` from ``x0 [X]``."""
-        low, high, mean0 = _setup(problem, x0, warm_start)
+        """``iterations`` path-integral updates of the mean sequence ``[H, U]`` from ``x0 [X]``
+        (or a one-row belief), starting at ``warm.actions`` when given."""
+        s = _setup(problem, x0, warm)
+        low, high, mean0 = s.low, s.high, s.mean0
         h, u = problem.horizon, problem.act_dim
-        gen, device = problem.generator, x0.device
+        gen, device = problem.generator, s.device
         before = problem.nonfinite
         mean = mean0.clone()  # [H, U]
         best_return = torch.tensor(float("-inf"), device=device)
@@ -333,9 +359,9 @@ class MPPI:
             else:
                 eps = colored_noise((self.population, h, u), self.noise_beta, gen, device)
             cand = torch.minimum(torch.maximum(mean + self.noise_std * eps, low), high)
-            if i == 0 and warm_start is not None:
+            if i == 0 and warm is not None:
                 cand = torch.cat([cand, mean0[None]], dim=0)  # [N + 1, H, U]
-            returns = problem.evaluate(x0, cand)  # [N]
+            returns = problem.evaluate(s.root, cand)  # [N]
             top = returns.max()
             # softmax over finite candidates; all -inf leaves the mean where it is
             weight = torch.softmax((returns - top.clamp(min=-1e30)) / self.temperature, dim=0)
@@ -357,7 +383,7 @@ class MPPI:
                 diagnostics=diagnostics,
             )
         mean = torch.minimum(torch.maximum(mean, low), high)
-        mean_return = float(problem.evaluate(x0, mean[None])[0])
+        mean_return = float(problem.evaluate(s.root, mean[None])[0])
         nonfinite = problem.nonfinite - before
         if not math.isfinite(mean_return):
             return Plan(
@@ -377,24 +403,55 @@ class MPPI:
         )
 
 
-def _setup(
-    problem: PlanningProblem, x0: torch.Tensor, warm_start: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate ``x0`` and ``warm_start``; bounds ``[U]`` on ``x0``'s device and the initial mean
-    ``[H, U]`` (the warm start clipped to the bounds, else the middle of the bounds)."""
-    if x0.ndim != 1:
-        raise ShapeError(
-            f"x0: expected one observation of shape [X], got {list(x0.shape)}; plan from a single "
-            "state (call plan once per state)"
+@dataclass(frozen=True)
+class _Setup:
+    """What every sampling plan starts from."""
+
+    root: RolloutState  # [P] rows: the one start of the plan, started once
+    low: torch.Tensor  # [U] bounds on the start's device
+    high: torch.Tensor  # [U]
+    mean0: torch.Tensor  # [H, U] the warm start clipped to the bounds, else mid-bounds
+    device: torch.device  # where candidates are made (the start's device)
+
+
+def _setup(problem: PlanningProblem, x0: torch.Tensor | Belief, warm: WarmStart | None) -> _Setup:
+    """Refuse discrete problems, validate ``x0`` (``[X]`` or a one-row belief) and ``warm``,
+    and start the model once."""
+    if problem.discrete:
+        raise ValueError(
+            f"sampling planners need a box action space, but the problem is discrete "
+            f"(action_values of shape {list(problem.action_values.shape)}); plan a discrete "
+            "problem with MCTS"
         )
-    low = problem.action_low.to(x0.device)  # [U]
-    high = problem.action_high.to(x0.device)  # [U]
+    if isinstance(x0, Belief):
+        if x0.batch != 1:
+            raise ShapeError(
+                f"x0: expected a belief of one row (batch 1), got batch {x0.batch}; plan once "
+                "per system"
+            )
+        device = x0.mean.device
+    elif torch.is_tensor(x0) and x0.ndim == 1:
+        device = x0.device
+    else:
+        shape = list(x0.shape) if torch.is_tensor(x0) else type(x0).__name__
+        raise ShapeError(
+            f"x0: expected one observation of shape [X] or a Belief, got {shape}; plan from a "
+            "single state (call plan once per state)"
+        )
+    if warm is not None and not isinstance(warm, WarmStart):
+        raise TypeError(
+            f"warm: expected a WarmStart or None, got {type(warm).__name__}; wrap a previous "
+            "plan [H, U] as WarmStart(actions)"
+        )
+    low = problem.action_low.to(device)  # [U]
+    high = problem.action_high.to(device)  # [U]
     h, u = problem.horizon, problem.act_dim
-    if warm_start is None:
-        return low, high, ((low + high) / 2).expand(h, u).clone()
-    _check_actions("warm_start", warm_start, (h, u), "[H, U]")
-    mean0 = torch.minimum(torch.maximum(warm_start.to(low), low), high)  # [H, U]
-    return low, high, mean0
+    if warm is None:
+        mean0 = ((low + high) / 2).expand(h, u).clone()  # [H, U]
+    else:
+        _check_actions("warm.actions", warm.actions, (h, u), "[H, U]")
+        mean0 = torch.minimum(torch.maximum(warm.actions.to(low), low), high)  # [H, U]
+    return _Setup(problem.start(x0), low, high, mean0, device)
 
 
 def _check_actions(name: str, actions: torch.Tensor, expected: tuple, letters: str) -> None:

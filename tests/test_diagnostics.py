@@ -13,6 +13,7 @@ from mbrl.dynamics.diagnostics import (
     compare_models,
     multistep_error,
     one_step_scores,
+    open_loop_rollout,
     plot_rollout,
     to_markdown,
     write_csv,
@@ -136,3 +137,33 @@ def test_plot_rollout_writes_png(tmp_path):
         title="linear system",
     )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_open_loop_rollout_is_the_planning_step():
+    """P sampled rollouts: the same numbers as stepping the model by hand with the same
+    generator, shaped [T + 1, P, X] with the start in row 0."""
+    obs, act = trajectory(6, 7)
+    traj = open_loop_rollout(Oracle(), obs[0], act, 5, torch.Generator().manual_seed(3))
+    assert traj.shape == (7, 5, 1)
+    assert torch.equal(traj[0], obs[:1].expand(5, 1))
+    gen = torch.Generator().manual_seed(3)
+    model = Oracle()
+    state = model.rollout_start(obs[:1], 5, gen)
+    for k in range(6):
+        state = model.rollout_step(state, act[k : k + 1].expand(5, -1), gen)
+        assert torch.equal(traj[k + 1], state.obs)
+    # a deterministic model follows its mean from every particle
+    known = KnownModel(linear, 1, 1)
+    det = open_loop_rollout(known, obs[0], act, 3)
+    assert torch.allclose(det[:, 0], det[:, 2])
+    with pytest.raises(ValueError, match=r"x0: expected \[1\], got \[2\]"):
+        open_loop_rollout(known, torch.zeros(2), act)
+
+
+def test_multistep_error_uses_the_predictive_mean_without_mean_dynamics():
+    """The oracle has no mean_dynamics (not a DifferentiableModel): its predict mean is used,
+    which on noise-free data is exact."""
+    obs = torch.zeros(6, 1)
+    act = torch.zeros(5, 1)
+    m = multistep_error(Oracle(), [(obs, act)], steps=2)
+    assert m.rmse == pytest.approx([0.0, 0.0]) and m.windows == 4

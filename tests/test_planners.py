@@ -15,8 +15,10 @@ from mbrl.planners import (
     Plan,
     PlanningProblem,
     RandomShooting,
+    WarmStart,
     colored_noise,
     shift_actions,
+    shift_warm,
 )
 from mbrl.shapes import ShapeError
 
@@ -171,9 +173,11 @@ def test_cem_reaches_known_optimum(kwargs):
     assert -0.025 < plan.expected_return <= 0.0
     assert plan.iterations == 10 and plan.nonfinite == 0
     if planner.shift_elites:  # elites are handed on only when the next plan reuses them
-        assert plan.elites is not None and plan.elites.shape == (30, HT, 2)
+        assert plan.warm is not None and plan.warm.elites is not None
+        assert plan.warm.elites.shape == (30, HT, 2)
+        assert plan.warm.actions is plan.actions
     else:
-        assert plan.elites is None
+        assert plan.warm is None and plan.warm_start().elites is None
 
 
 def test_cem_solves_integrator_through_the_dynamics():
@@ -238,6 +242,33 @@ def test_deterministic_under_seed_and_differs_across_seeds(name):
     assert not torch.equal(a.actions, c.actions)
 
 
+# recorded before the planning step and WarmStart existed (one model start per evaluate call):
+# the same seeds give the same numbers now that each plan starts the model once
+GOLDEN = {
+    "cem": (-0.14663228392601013, 0.1473371684551239, [0.5158529281616211, -0.06909483671188354]),
+    "icem": (-0.0299987755715847, 0.28192049264907837, [0.3930673599243164, -0.3364018499851227]),
+    "mppi": (
+        -0.012769792228937149,
+        0.22298650443553925,
+        [0.45542076230049133, -0.26897263526916504],
+    ),
+    "random_shooting": (
+        -0.643542468547821,
+        0.6843475103378296,
+        [0.45827484130859375, -0.8883291482925415],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLANNERS))
+def test_golden_plans(name):
+    expected_return, actions_sum, first_action = GOLDEN[name]
+    plan = PLANNERS[name]().plan(make_problem(7), X0)
+    assert plan.expected_return == pytest.approx(expected_return, rel=1e-6, abs=1e-7)
+    assert float(plan.actions.sum()) == pytest.approx(actions_sum, rel=1e-6, abs=1e-7)
+    assert plan.actions[0].tolist() == pytest.approx(first_action, rel=1e-6, abs=1e-7)
+
+
 @pytest.mark.parametrize("name", sorted(PLANNERS))
 def test_actions_within_bounds(name):
     problem = make_problem(0, low=-0.1)  # target's second component (-0.3) is out of reach
@@ -274,7 +305,7 @@ def test_all_nonfinite_returns_warm_start(name):
         return torch.full_like(x, float("nan"))
 
     warm = torch.full((H, X), 0.3)
-    plan = PLANNERS[name]().plan(make_problem(0, step_fn=always_nan), X0, warm)
+    plan = PLANNERS[name]().plan(make_problem(0, step_fn=always_nan), X0, WarmStart(warm))
     assert plan.status == "all_nonfinite"
     assert torch.equal(plan.actions, warm)
     assert plan.expected_return == float("-inf") and plan.nonfinite > 0
@@ -318,54 +349,66 @@ def test_mpc_never_sends_nan_to_env(name):
 
 
 def test_cem_warm_start_at_optimum_stays_there():
-    plan = CEM(population=50, iterations=1).plan(make_problem(0), X0, OPTIMUM)
+    plan = CEM(population=50, iterations=1).plan(make_problem(0), X0, WarmStart(OPTIMUM))
     assert torch.equal(plan.actions, OPTIMUM)
     assert plan.expected_return == pytest.approx(0.0, abs=1e-6)
     mean_plan = CEM(population=50, iterations=1, init_std=0.05, return_mean_or_best="mean").plan(
-        make_problem(0), X0, OPTIMUM
+        make_problem(0), X0, WarmStart(OPTIMUM)
     )
     assert torch.allclose(mean_plan.actions, OPTIMUM, atol=0.05)
 
 
 def test_warm_start_is_scored_by_random_shooting_and_mppi():
-    plan = RandomShooting(population=3).plan(make_problem(0), X0, OPTIMUM)
+    plan = RandomShooting(population=3).plan(make_problem(0), X0, WarmStart(OPTIMUM))
     assert torch.equal(plan.actions, OPTIMUM)
-    mppi = MPPI(population=20, temperature=1e-4, noise_std=0.5).plan(make_problem(0), X0, OPTIMUM)
+    mppi = MPPI(population=20, temperature=1e-4, noise_std=0.5).plan(
+        make_problem(0), X0, WarmStart(OPTIMUM)
+    )
     assert torch.allclose(mppi.actions, OPTIMUM, atol=1e-3)
 
 
 def test_shifted_elites_are_reused():
     first = CEM(population=200, iterations=4, shift_elites=True).plan(make_problem(0), X0)
-    shifted = shift_actions(first.elites, 1, torch.zeros(X))  # [K, H, U]
-    assert shifted.shape == first.elites.shape
-    assert torch.equal(shifted[:, :-1], first.elites[:, 1:])
+    elites = first.warm_start().elites  # [K, H, U]
+    warm = shift_warm(first.warm_start(), 1, torch.zeros(X))
+    shifted = warm.elites  # [K, H, U]
+    assert torch.equal(shifted, shift_actions(elites, 1, torch.zeros(X)))
+    assert torch.equal(warm.actions, shift_actions(first.actions, 1, torch.zeros(X)))
+    assert shifted.shape == elites.shape
+    assert torch.equal(shifted[:, :-1], elites[:, 1:])
     assert torch.equal(shifted[:, -1], torch.zeros(20, X))
     # from x1 = target, the shifted elites (≈ 0) are near-optimal: with one tiny iteration they
     # beat what the sampled candidates alone find
     x1 = TARGET.clone()
     cem = CEM(population=10, iterations=1, shift_elites=True, keep_elites_fraction=1.0)
-    with_elites = cem.plan(make_problem(1), x1, warm_elites=shifted)
-    without = cem.plan(make_problem(1), x1)
+    away = torch.full((H, X), 0.5)  # a poor warm mean, the same with and without the elites
+    with_elites = cem.plan(make_problem(1), x1, WarmStart(away, elites=shifted))
+    without = cem.plan(make_problem(1), x1, WarmStart(away))
     assert with_elites.expected_return > without.expected_return
-    assert with_elites.diagnostics["candidates"] == 10 + 1  # K = 1 elite reused
+    assert with_elites.diagnostics["candidates"] == 10 + 1 + 1  # warm mean + K = 1 elite reused
+    alone = cem.plan(make_problem(1), x1)
+    assert alone.diagnostics["candidates"] == 10
 
 
 @pytest.mark.parametrize("name", sorted(PLANNERS))
 def test_wrong_warm_start_shape_is_a_clear_error(name):
-    with pytest.raises(ShapeError, match=r"warm_start: expected \[4, 2\], got \[3, 2\]"):
-        PLANNERS[name]().plan(make_problem(0), X0, torch.zeros(H - 1, X))
+    with pytest.raises(ShapeError, match=r"warm.actions: expected \[4, 2\], got \[3, 2\]"):
+        PLANNERS[name]().plan(make_problem(0), X0, WarmStart(torch.zeros(H - 1, X)))
     with pytest.raises(ValueError, match="NaN"):
-        PLANNERS[name]().plan(make_problem(0), X0, torch.full((H, X), float("nan")))
+        PLANNERS[name]().plan(make_problem(0), X0, WarmStart(torch.full((H, X), float("nan"))))
     with pytest.raises(ShapeError, match="x0"):
         PLANNERS[name]().plan(make_problem(0), torch.zeros(1, X))
+    with pytest.raises(TypeError, match=r"WarmStart\(actions\)"):  # the old bare tensor
+        PLANNERS[name]().plan(make_problem(0), X0, torch.zeros(H, X))
 
 
 def test_warm_elites_need_shift_elites():
+    mid = torch.zeros(H, X)
     with pytest.raises(ValueError, match="shift_elites=True"):
-        CEM(population=10).plan(make_problem(0), X0, warm_elites=torch.zeros(3, H, X))
-    with pytest.raises(ShapeError, match="warm_elites"):
+        CEM(population=10).plan(make_problem(0), X0, WarmStart(mid, torch.zeros(3, H, X)))
+    with pytest.raises(ShapeError, match="warm.elites"):
         CEM(population=10, shift_elites=True).plan(
-            make_problem(0), X0, warm_elites=torch.zeros(3, H + 1, X)
+            make_problem(0), X0, WarmStart(mid, torch.zeros(3, H + 1, X))
         )
 
 

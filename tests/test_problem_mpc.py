@@ -8,7 +8,7 @@ import torch
 
 from mbrl.control import MPCController
 from mbrl.dynamics import KnownModel
-from mbrl.planners import Plan, PlanningProblem
+from mbrl.planners import Plan, PlanningProblem, WarmStart
 from mbrl.shapes import ShapeError
 
 
@@ -91,8 +91,8 @@ class _ScriptedPlanner:
     def __init__(self, plan):
         self.fixed, self.warm_starts = plan, []
 
-    def plan(self, problem, x0, warm_start=None):
-        self.warm_starts.append(warm_start)
+    def plan(self, problem, x0, warm=None):
+        self.warm_starts.append(warm)
         return self.fixed
 
 
@@ -104,8 +104,32 @@ def test_mpc_replans_every_k_and_shifts_the_warm_start():
     played = [float(mpc.act(np.zeros(1, dtype=np.float32))[0]) for _ in range(4)]
     assert played == pytest.approx([0.1, 0.2, 0.1, 0.2])
     assert planner.warm_starts[0] is None
-    assert planner.warm_starts[1].flatten().tolist() == pytest.approx([0.3, 0.4, 0.0, 0.0])
+    assert isinstance(planner.warm_starts[1], WarmStart)
+    assert planner.warm_starts[1].actions.flatten().tolist() == pytest.approx([0.3, 0.4, 0.0, 0.0])
     assert mpc.stats.plans == 2
+    mpc.reset()  # a new episode starts cold
+    mpc.act(np.zeros(1, dtype=np.float32))
+    assert planner.warm_starts[2] is None
+
+
+def test_mpc_hands_back_what_the_plan_declared_shifted():
+    """Every [..., H, U] tensor of the plan's warm (elites, carry) comes back shifted by the
+    steps played; other carry entries come back as they were."""
+    actions = torch.tensor([[0.1], [0.2], [0.3], [0.4]])  # [H, U]
+    elites = torch.stack([actions, -actions])  # [K=2, H, U]
+    step_size = torch.tensor([0.5])
+    warm = WarmStart(actions, elites, carry={"noise": 2 * actions, "step_size": step_size})
+    planner = _ScriptedPlanner(Plan(actions=actions, expected_return=0.0, warm=warm))
+    problem = _problem(KnownModel(_integrator, 1, 1), horizon=4)
+    mpc = MPCController(planner, problem, replan_every=3)
+    for _ in range(4):
+        mpc.act(np.zeros(1, dtype=np.float32))
+    handed = planner.warm_starts[1]
+    assert handed.actions.flatten().tolist() == pytest.approx([0.4, 0.0, 0.0, 0.0])
+    expected = torch.tensor([[0.4, 0.0, 0.0, 0.0], [-0.4, 0.0, 0.0, 0.0]])
+    assert torch.allclose(handed.elites[:, :, 0], expected)
+    assert handed.carry["noise"].flatten().tolist() == pytest.approx([0.8, 0.0, 0.0, 0.0])
+    assert handed.carry["step_size"] is step_size
 
 
 def test_mpc_applies_feedback_gains_and_clips_to_bounds():
@@ -125,3 +149,23 @@ def test_mpc_rejects_replan_interval_beyond_horizon():
     problem = _problem(KnownModel(_integrator, 1, 1), horizon=2)
     with pytest.raises(ValueError, match=r"replan_every must be in \[1, horizon=2\]"):
         MPCController(_ScriptedPlanner(None), problem, replan_every=3)
+
+
+def test_mpc_on_a_discrete_problem_plays_action_vectors_and_fills_with_a_valid_one():
+    values = torch.tensor([[-1.0], [0.25], [1.0]])  # [A, U]: the middle of [-1, 1] is no choice
+    actions = values[[2, 0, 2, 1]]  # [H, U] a plan of action vectors
+    problem = PlanningProblem(
+        KnownModel(_integrator, 1, 1),
+        _reward,
+        None,
+        4,
+        torch.tensor([-1.0]),
+        torch.tensor([1.0]),
+        action_values=values,
+    )
+    planner = _ScriptedPlanner(Plan(actions=actions, expected_return=0.0))
+    mpc = MPCController(planner, problem, replan_every=2)
+    played = [mpc.act(np.zeros(1, dtype=np.float32)) for _ in range(3)]
+    assert all(u.shape == (1,) for u in played)
+    assert [float(u[0]) for u in played] == [1.0, -1.0, 1.0]
+    assert planner.warm_starts[1].actions.flatten().tolist() == [1.0, 0.25, 0.25, 0.25]
