@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -165,21 +165,27 @@ def run_episode(
     seed: int | None = None,
     max_steps: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    env_action: Callable[[np.ndarray], Any] | None = None,
 ) -> Episode:
     """Play one episode of ``policy`` in ``env`` (reset with ``seed``) and record it.
 
-    ``on_step(t, reward)`` is called after every step (progress bars).
+    ``on_step(t, reward)`` is called after every step (progress bars). ``env_action`` maps the
+    policy's action vector ``[U]`` to what ``env.step`` takes (a discrete env's index:
+    :meth:`~mbrl.envs.spec.EnvSpec.env_action`); the episode records the vector. Float
+    observations are stored as float32, images keep their ``uint8``.
     """
     start = time.perf_counter()
     obs, _ = env.reset(seed=seed)
     policy.reset()
-    observations, actions, rewards, terms = [np.asarray(obs, dtype=np.float32)], [], [], []
+    observations, actions, rewards, terms = [_observation(obs)], [], [], []
     truncated = False
     t = 0
     while max_steps is None or t < max_steps:
         action = policy.act(observations[-1])
-        obs, reward, terminated, truncated, _ = env.step(action)
-        observations.append(np.asarray(obs, dtype=np.float32))
+        obs, reward, terminated, truncated, _ = env.step(
+            action if env_action is None else env_action(action)
+        )
+        observations.append(_observation(obs))
         actions.append(np.asarray(action, dtype=np.float32))
         rewards.append(float(reward))
         terms.append(bool(terminated))
@@ -196,3 +202,9 @@ def run_episode(
         truncated=bool(truncated),
         seconds=time.perf_counter() - start,
     )
+
+
+def _observation(obs: Any) -> np.ndarray:
+    """An env observation as stored: ``uint8`` images as they are, anything else float32."""
+    arr = np.asarray(obs)
+    return arr if arr.dtype == np.uint8 else arr.astype(np.float32, copy=False)

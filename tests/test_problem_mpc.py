@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mbrl.control import MPCController
+from mbrl.control import MPCController, run_episode
 from mbrl.dynamics import KnownModel
 from mbrl.planners import Plan, PlanningProblem, WarmStart
 from mbrl.shapes import ShapeError
@@ -169,3 +169,27 @@ def test_mpc_on_a_discrete_problem_plays_action_vectors_and_fills_with_a_valid_o
     assert all(u.shape == (1,) for u in played)
     assert [float(u[0]) for u in played] == [1.0, -1.0, 1.0]
     assert planner.warm_starts[1].actions.flatten().tolist() == [1.0, 0.25, 0.25, 0.25]
+
+
+def test_run_episode_maps_vectors_to_a_discrete_envs_index():
+    """A discrete env is stepped with the index of the policy's action vector; the episode
+    records the vector. Without the mapping the env refuses the vector with a clear error."""
+    from mbrl.envs import make
+
+    spec = make("CartPole-v1")
+
+    class Right:
+        def reset(self) -> None:
+            pass
+
+        def act(self, obs: np.ndarray) -> np.ndarray:
+            return np.asarray(spec.action_values[-1], dtype=np.float32)
+
+    episode = run_episode(spec.make(), Right(), seed=0, env_action=spec.env_action)
+    assert episode.act.shape == (len(episode), 1)
+    np.testing.assert_array_equal(
+        episode.act, np.broadcast_to(spec.action_values[-1], (len(episode), 1))
+    )
+    assert episode.terminated[-1] and len(episode) < 50  # always pushing right tips the pole
+    with pytest.raises(TypeError, match="env_action"):
+        run_episode(spec.make(), Right(), seed=0)
