@@ -4,10 +4,10 @@ one analytic system, the same cost, horizon and time step, from the same initial
 Every method is a planner behind :class:`~mbrl.control.mpc.MPCController` (replanning every
 step, warm-started with the shifted plan) on a :class:`~mbrl.planners.base.PlanningProblem` whose
 model is the system's exact torch dynamics and whose reward is minus the system's stage cost
-(plus minus its terminal cost at the horizon). NMPC optimizes the system's casadi twin of the
-same problem. Each episode is a closed-loop rollout of the system's gymnasium env
-(:func:`~mbrl.control.mpc.run_episode`), reset with seed ``seed + k`` for initial state ``k``, so
-all methods start from the same states.
+(plus minus its terminal cost at the horizon, the problem's ``value_fn``). NMPC optimizes the
+casadi twins of the same problem's model and cost. Each episode is a closed-loop rollout of the
+system's gymnasium env (:func:`~mbrl.control.mpc.run_episode`), reset with seed ``seed + k`` for
+initial state ``k``, so all methods start from the same states.
 
 Scenarios: ``"swingup"`` starts from the system's nominal start (hanging down for the
 swing-ups) with noise; for the nonlinear systems a ``"stabilize"`` scenario starts near the goal,
@@ -40,7 +40,8 @@ import torch
 
 from mbrl.control.mpc import Episode, MPCController, run_episode
 from mbrl.control.nmpc import NMPC
-from mbrl.planners.base import Plan, Planner, PlanningProblem
+from mbrl.dynamics.systems import SystemModel
+from mbrl.planners.base import Plan, Planner, PlanningProblem, WarmStart
 
 METHODS = ("lqr", "ilqr", "cem", "random_shooting", "nmpc")
 SYSTEM_NAMES = ("linear", "pendulum", "cartpole", "acrobot")
@@ -144,14 +145,10 @@ class _Timed:
         self.statuses: list[str] = []
 
     def plan(
-        self,
-        problem: PlanningProblem,
-        x0: torch.Tensor,
-        warm_start: torch.Tensor | None = None,
-        **kwargs: Any,
+        self, problem: PlanningProblem, x0: torch.Tensor, warm: WarmStart | None = None
     ) -> Plan:
         start = time.perf_counter()
-        plan = self.planner.plan(problem, x0, warm_start, **kwargs)  # kwargs: iCEM's elites
+        plan = self.planner.plan(problem, x0, warm)
         self.seconds.append(time.perf_counter() - start)
         self.statuses.append(plan.status)
         return plan
@@ -175,20 +172,22 @@ def _planner(method: str, system: Any, horizon: int, setup: StudySetup, options:
         bounds = None
         if setup.state_low is not None:
             bounds = (setup.state_low, setup.state_high)
-        return NMPC(system, horizon, **{"state_bounds": bounds, "max_iter": 100, **opts})
+        return NMPC(horizon, **{"state_bounds": bounds, "max_iter": 100, **opts})
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
 def _problem(system: Any, horizon: int, seed: int) -> PlanningProblem:
+    """The system's exact dynamics, its reward (the stage cost, closed form and casadi) and its
+    terminal reward as ``value_fn``: every method optimises the same objective."""
     return PlanningProblem(
-        system.model(),
+        SystemModel(system),
         system.reward_fn(),
         None,
         horizon,
         torch.as_tensor(system.action_low, dtype=torch.float32),
         torch.as_tensor(system.action_high, dtype=torch.float32),
         generator=torch.Generator().manual_seed(seed),
-        terminal_reward_fn=system.terminal_reward_fn(),
+        value_fn=system.value_fn(),
     )
 
 

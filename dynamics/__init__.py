@@ -6,15 +6,20 @@ The Gaussian-process and MuJoCo models import gpytorch and mujoco on first use o
 from importlib import import_module
 
 from mbrl.dynamics.base import (
+    Belief,
+    CasadiModel,
     DifferentiableModel,
     DynamicsModel,
+    Filter,
     FitReport,
+    Linearizable,
     Prediction,
     RolloutState,
     Transitions,
 )
 from mbrl.dynamics.ensemble import MemberPrediction, ProbabilisticEnsemble
 from mbrl.dynamics.known import KnownModel
+from mbrl.dynamics.systems import SystemModel
 
 _LAZY = {
     "GaussianProcessModel": "mbrl.dynamics.gp",
@@ -23,17 +28,22 @@ _LAZY = {
 }
 
 __all__ = [
+    "Belief",
+    "CasadiModel",
     "DifferentiableModel",
     "DynamicsModel",
+    "Filter",
     "FitReport",
     "GPDiagnostics",
     "GaussianProcessModel",
     "KnownModel",
+    "Linearizable",
     "MemberPrediction",
     "MujocoModel",
     "Prediction",
     "ProbabilisticEnsemble",
     "RolloutState",
+    "SystemModel",
     "Transitions",
 ]
 

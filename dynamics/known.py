@@ -16,8 +16,8 @@ class KnownModel:
     """A deterministic model from a known step function (analytic systems, tests, oracles).
 
     ``fit`` learns nothing and reports no loss; all particles of a start follow one path.
-    The mean dynamics are ``f`` itself, so gradient planners can use it when ``f`` is
-    differentiable.
+    The mean dynamics are ``f`` itself: a :class:`~mbrl.dynamics.base.DifferentiableModel`
+    for gradient planners when ``f`` is autograd-able. ``f`` follows its inputs' dtype.
     """
 
     learns_reward = False
@@ -27,7 +27,8 @@ class KnownModel:
         self.obs_dim = obs_dim
         self.act_dim = act_dim
 
-    def fit(self, data: Transitions) -> FitReport:
+    def fit(self, data: Transitions, generator: torch.Generator | None = None) -> FitReport:
+        """Nothing to learn: reports no loss."""
         return FitReport((), (), 0, 0, (0,), 0.0)
 
     def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:

@@ -3,7 +3,9 @@
 :class:`MujocoModel` advances batches of simulator states with MuJoCo's native multi-threaded
 ``mujoco.rollout`` (one persistent thread pool, one ``MjData`` per thread), so sampling planners
 (CEM, random shooting) score candidates on the exact dynamics of the gymnasium env, and it gives
-finite-difference Jacobians for iLQR.
+finite-difference Jacobians for LQR and iLQR: it is a :class:`~mbrl.dynamics.base.Linearizable`
+model, not a :class:`~mbrl.dynamics.base.DifferentiableModel` (no autograd through the
+simulator; gradient planners roll it forward with :meth:`MujocoModel.predict`).
 
 Observation <-> simulator state. A planner only sees observations ``[B, X]``; the simulator needs
 ``(qpos [B, nq], qvel [B, nv])``. The model works for envs whose observation determines that
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import gymnasium as gym
 import mujoco
@@ -40,8 +43,10 @@ import torch
 from mujoco import rollout as mj_rollout
 
 from mbrl.dynamics.base import FitReport, Prediction, RolloutState, Transitions
-from mbrl.envs.spec import EnvSpec
 from mbrl.shapes import check_shape
+
+if TYPE_CHECKING:
+    from mbrl.envs.spec import EnvSpec
 
 ObsToState = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """``obs [B, X] -> (qpos [B, nq], qvel [B, nv])``, batched numpy float64."""
@@ -290,11 +295,6 @@ class MujocoModel:
         nxt = self._obs(self._simulate(self._states(x), u)[:, 0])
         return torch.as_tensor(nxt, dtype=obs.dtype, device=obs.device)
 
-    def mean_dynamics(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """:meth:`step` under the name gradient planners roll forward with. Not autograd-able:
-        their Jacobians come from :meth:`linearize`, which ``planners.derivatives`` prefers."""
-        return self.step(obs, act)
-
     def rollout_actions(self, x0: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Observations ``[N, H + 1, X]`` of open-loop rollouts of ``actions [N, H, U]``.
 
@@ -313,7 +313,7 @@ class MujocoModel:
         return torch.as_tensor(obs, dtype=x0.dtype, device=x0.device)
 
     # ------------------------------------------------------------------ model seam
-    def fit(self, data: Transitions) -> FitReport:
+    def fit(self, data: Transitions, generator: torch.Generator | None = None) -> FitReport:
         """Nothing to learn: the simulator is the truth."""
         return FitReport((), (), 0, 0, (0,), 0.0)
 
@@ -348,8 +348,11 @@ class MujocoModel:
         return RolloutState(obs=obs, hidden=torch.from_numpy(nxt))
 
     # ------------------------------------------------------------------ derivatives
-    def linearize(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Jacobians of one control step in observation coordinates, ``x' = f(x, u)``.
+    def linearize(
+        self, x: torch.Tensor, u: torch.Tensor, t: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians of one control step in observation coordinates, ``x' = f(x, u)``, at rows
+        ``x [B, X]``, ``u [B, U]``; ``t`` is ignored (the simulator is time-invariant).
 
         Returns ``A = df/dx [B, X, X]`` and ``B = df/du [B, X, U]`` (dtype and device of ``x``).
         ``"transition_fd"``: ``mujoco.mjd_transitionFD`` (centered, ``fd_eps``) at each of the

@@ -172,7 +172,7 @@ class EnvSpec:
                 f"vector [U={self.act_dim}] (mapped to the nearest action value); got "
                 f"{list(arr.shape)} {arr.dtype}"
             )
-        return int(self.action_index(torch.as_tensor(arr, dtype=torch.float32)))
+        return int(self.action_index(torch.tensor(arr, dtype=torch.float32)))
 
     def _values(self, what: str) -> np.ndarray:
         if self.action_values is None:

@@ -25,15 +25,30 @@ Systems (angles in radians, angle 0 = upright for the swing-ups, which start han
 Costs are smooth: ``2 (1 - cos theta)`` terms (about ``theta^2`` near upright) plus quadratic
 velocity and action terms; the terminal cost is heavier. Rewards are minus the cost of
 ``(obs, act)``, with the action clipped to the bounds as the env clips it.
+
+What planners take from a system (no planner reads attributes of these objects):
+
+- :meth:`AnalyticSystem.reward_fn`: the env's reward, which is also a
+  :class:`~mbrl.planners.base.StageCost` (closed-form casadi-AD expansions) with a casadi form
+  for NMPC (:class:`SystemCost`);
+- :meth:`AnalyticSystem.value_fn`: the terminal reward ``state -> [R]`` (minus the terminal
+  cost), with the same closed-form and casadi terminal expansions (:class:`SystemValue`);
+- :meth:`AnalyticSystem.stage_cost`: the whole objective (stage and terminal) as one
+  :class:`SystemCost`, for ``PlanningProblem(stage_cost=...)``;
+- the dynamics behind the model seam are :class:`mbrl.dynamics.systems.SystemModel`, built from
+  the system's step functions (:meth:`AnalyticSystem.step`, :meth:`AnalyticSystem.step_numeric`,
+  :meth:`AnalyticSystem.linearize`, the casadi twins); this module does not import
+  ``mbrl.dynamics``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import casadi as ca
 import gymnasium as gym
@@ -42,9 +57,12 @@ import torch
 from gymnasium import spaces
 from gymnasium.wrappers import TimeLimit
 
-from mbrl.dynamics.known import KnownModel
 from mbrl.envs.registry import register
 from mbrl.envs.spec import EnvSpec, never_terminates
+
+if TYPE_CHECKING:
+    from mbrl.dynamics.base import RolloutState
+    from mbrl.planners.derivatives import CostExpansion
 
 # ---------------------------------------------------------------- one math namespace, two forms
 
@@ -129,7 +147,8 @@ def _rk4(ode: StepExpr, dt: float, substeps: int) -> StepExpr:
 class QuadraticCost:
     """``cost(x, u) = (x - goal)' Q (x - goal) + u' R u``, terminal ``(x - goal)' Qf (x - goal)``.
 
-    Given by systems whose cost is exactly quadratic, so planners can skip autograd.
+    The matrices of systems whose cost is exactly quadratic (:func:`linear`), for known-answer
+    comparisons (LQR references); planners get the cost through :class:`SystemCost`.
     """
 
     Q: np.ndarray  # [X, X]
@@ -162,6 +181,7 @@ class AnalyticSystem:
     terminal_expr: TerminalExpr
     quadratic: QuadraticCost | None = None
     max_episode_steps: int = 200
+    ode_expr: StepExpr | None = None  # (x, u, ops) -> x_dot; None for discrete-time systems
 
     # ---- torch forms
 
@@ -191,6 +211,21 @@ class AnalyticSystem:
         """Symbolic terminal cost (scalar) of ``x [X, 1]``."""
         return self.terminal_expr(x, _CasadiOps)
 
+    def ode_casadi(self, x: Any, u: Any) -> Any:
+        """Symbolic time derivative ``x_dot [X, 1]`` of the continuous-time dynamics the step
+        discretizes (direct collocation).
+
+        Raises:
+            ValueError: the system is defined in discrete time only (``linear``).
+        """
+        if self.ode_expr is None:
+            raise ValueError(
+                f"system {self.name!r} is defined in discrete time only and has no ODE for "
+                "collocation: give NMPC ode=f(x, u) -> x_dot (casadi), or use "
+                "method='multiple_shooting'"
+            )
+        return self.ode_expr(x, u, _CasadiOps)
+
     # ---- episodes
 
     def initial_state(self, rng: np.random.Generator) -> np.ndarray:
@@ -208,17 +243,20 @@ class AnalyticSystem:
         ok = np.all(np.abs(d) <= self.success_tolerance, axis=-1)
         return bool(ok) if ok.ndim == 0 else ok
 
-    def model(self) -> SystemModel:
-        """The exact dynamics behind the model seam (with casadi fast paths)."""
-        return SystemModel(self)
-
     def reward_fn(self) -> SystemReward:
-        """The env's reward ``-cost(obs, clip(act))`` as a batched torch function."""
+        """The env's reward ``-cost(obs, clip(act))`` as a batched torch function; also the
+        system's :class:`SystemCost` (a ``StageCost`` for gradient planners and NMPC)."""
         return SystemReward(self)
 
-    def terminal_reward_fn(self) -> SystemTerminalReward:
-        """``-terminal_cost(x)``, for planning problems with a terminal reward."""
-        return SystemTerminalReward(self)
+    def value_fn(self) -> SystemValue:
+        """The terminal reward ``state -> -terminal_cost(state.obs) [R]`` for
+        ``PlanningProblem(value_fn=...)``."""
+        return SystemValue(self)
+
+    def stage_cost(self) -> SystemCost:
+        """The system's whole objective, stage and terminal cost, as one ``StageCost`` for
+        ``PlanningProblem(stage_cost=...)``."""
+        return SystemCost(self)
 
     # ---- compiled casadi twins, for fast numeric evaluation and exact derivatives
 
@@ -249,25 +287,18 @@ class AnalyticSystem:
         names = ("step", "jacobians", "cost", "terminal")
         return {n: _BatchedCasadi(getattr(c, n)) for n in names}
 
+    def step_numeric(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` by the compiled casadi twin: next states ``[B, X]`` of ``x [B, X]``,
+        ``u [B, U]`` (float64 evaluation, returned in ``x``'s dtype and device; no autograd).
+        """
+        (out,) = self._batched["step"](x, u)
+        return _rows(out, x)
+
     def linearize(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact Jacobians ``A [B, X, X]``, ``B [B, X, U]`` of :meth:`step` (casadi AD, float64
         evaluation, returned in ``x``'s dtype and device)."""
         a, b = self._batched["jacobians"](x, u)
         return _mats(a, x), _mats(b, x)
-
-    def cost_expansion(
-        self, x: torch.Tensor, u: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stage cost ``[B]``, gradient ``[B, Z]`` and Hessian ``[B, Z, Z]`` in ``z = [x, u]``."""
-        c, g, h = self._batched["cost"](x, u)
-        return _rows(c, x)[:, 0], _rows(g, x), _mats(h, x)
-
-    def terminal_cost_expansion(
-        self, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Terminal cost ``[B]``, gradient ``[B, X]`` and Hessian ``[B, X, X]``."""
-        c, g, h = self._batched["terminal"](x)
-        return _rows(c, x)[:, 0], _rows(g, x), _mats(h, x)
 
     def spec(self, env_name: str | None = None) -> EnvSpec:
         """An :class:`EnvSpec` with ``dynamics`` = this system."""
@@ -346,48 +377,52 @@ def _mats(out: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return mats.to(dtype=like.dtype, device=like.device, copy=True).contiguous()
 
 
-class SystemModel(KnownModel):
-    """:class:`~mbrl.dynamics.known.KnownModel` of an analytic system, with fast paths.
+def _expansion(cost: torch.Tensor, grad: torch.Tensor, hess: torch.Tensor) -> CostExpansion:
+    # imported here: mbrl.planners imports mbrl.envs at import time, so this module cannot
+    # import mbrl.planners at its top
+    from mbrl.planners.derivatives import CostExpansion
 
-    The step is the system's torch :meth:`AnalyticSystem.step` whenever a gradient may be
-    needed (autograd enabled and an input requires grad) or the tensors are not on the CPU;
-    otherwise the compiled casadi twin evaluates it (same discretization, float64, returned in
-    the input's dtype), which costs a fraction of the torch op-by-op overhead in sequential
-    rollouts. :meth:`linearize` gives exact Jacobians by casadi AD (used by LQR/iLQR).
-    """
-
-    def __init__(self, system: AnalyticSystem) -> None:
-        super().__init__(self._step, system.obs_dim, system.act_dim)
-        self.system = system
-        self._casadi_step = system._batched["step"]
-
-    def _step(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or (
-            torch.is_grad_enabled() and (x.requires_grad or u.requires_grad)
-        ):
-            return self.system.step(x, u)
-        (out,) = self._casadi_step(x, u)
-        return _rows(out, x)
-
-    def linearize(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A [B, X, X]``, ``B [B, X, U]``: see :meth:`AnalyticSystem.linearize`."""
-        return self.system.linearize(x, u)
+    return CostExpansion(cost=cost, grad=grad, hess=hess)
 
 
-class SystemReward:
-    """``reward(obs [B, X], act [B, U], next_obs [B, X]) = -cost(obs, clip(act)) [B]``.
+class SystemCost:
+    """The system's cost as a :class:`~mbrl.planners.base.StageCost` and its casadi form.
 
-    Planners may use :attr:`stage_cost` (``(x, u) -> [B]``, ``next_obs`` not needed, no clip),
-    :attr:`cost_expansion` (exact value, gradient and Hessian of the stage cost, see
-    :meth:`AnalyticSystem.cost_expansion`) and :attr:`quadratic` (exact quadratic cost
-    matrices, or ``None``).
+    ``cost(x [B, X], u [B, U], t [B]) -> [B]`` (time-invariant: ``t`` is ignored),
+    ``expansion`` its exact value, gradient ``[B, Z]`` and Hessian ``[B, Z, Z]`` in
+    ``z = [x, u]`` (casadi AD, float64 evaluation, returned in ``x``'s dtype), the terminal
+    pair in ``x``; ``cost_casadi(x [X, 1], u [U, 1], t)`` and ``terminal_cost_casadi(x)`` are
+    the symbolic forms NMPC optimizes. No clipping: planners keep actions in the bounds.
     """
 
     def __init__(self, system: AnalyticSystem) -> None:
         self.system = system
-        self.stage_cost = system.cost
-        self.cost_expansion = system.cost_expansion
-        self.quadratic = system.quadratic
+
+    def cost(self, x: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.system.cost(x, u)
+
+    def expansion(self, x: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> CostExpansion:
+        c, g, h = self.system._batched["cost"](x, u)
+        return _expansion(_rows(c, x)[:, 0], _rows(g, x), _mats(h, x))
+
+    def terminal_cost(self, x: torch.Tensor) -> torch.Tensor:
+        return self.system.terminal_cost(x)
+
+    def terminal_expansion(self, x: torch.Tensor) -> CostExpansion:
+        c, g, h = self.system._batched["terminal"](x)
+        return _expansion(_rows(c, x)[:, 0], _rows(g, x), _mats(h, x))
+
+    def cost_casadi(self, x: Any, u: Any, t: int) -> Any:
+        return self.system.cost_casadi(x, u)
+
+    def terminal_cost_casadi(self, x: Any) -> Any:
+        return self.system.terminal_cost_casadi(x)
+
+
+class SystemReward(SystemCost):
+    """``reward(obs [B, X], act [B, U], next_obs [B, X]) = -cost(obs, clip(act)) [B]``, the
+    env's reward; as a :class:`SystemCost` it gives gradient planners the exact stage cost
+    (unclipped) and its expansion."""
 
     def __call__(
         self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor
@@ -397,16 +432,27 @@ class SystemReward:
         return -self.system.cost(obs, torch.minimum(torch.maximum(act, low), high))
 
 
-class SystemTerminalReward:
-    """``terminal_reward(obs [B, X]) = -terminal_cost(obs) [B]``, with :attr:`cost_expansion`
-    (exact value, gradient and Hessian of the terminal cost)."""
+class SystemValue:
+    """The terminal reward ``value(state) = -terminal_cost(state.obs) [R]`` (a
+    :data:`~mbrl.planners.base.ValueFn`), with the exact terminal cost and expansion in ``x``
+    (``terminal_cost``, ``terminal_expansion``) and its casadi form ``terminal_cost_casadi``.
+    """
 
     def __init__(self, system: AnalyticSystem) -> None:
         self.system = system
-        self.cost_expansion = system.terminal_cost_expansion
+        self._cost = SystemCost(system)
 
-    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
-        return -self.system.terminal_cost(obs)
+    def __call__(self, state: RolloutState) -> torch.Tensor:
+        return -self.system.terminal_cost(state.obs)
+
+    def terminal_cost(self, x: torch.Tensor) -> torch.Tensor:
+        return self.system.terminal_cost(x)
+
+    def terminal_expansion(self, x: torch.Tensor) -> CostExpansion:
+        return self._cost.terminal_expansion(x)
+
+    def terminal_cost_casadi(self, x: Any) -> Any:
+        return self.system.terminal_cost_casadi(x)
 
 
 class SystemEnv(gym.Env):
@@ -470,11 +516,19 @@ def pendulum(
     """
     g, m, length, dt = 10.0, 1.0, 1.0, 0.05
 
+    def accel(th: Any, tau: Any, ops: Ops) -> Any:
+        return 3.0 * g / (2.0 * length) * ops.sin(th) + 3.0 / (m * length**2) * tau
+
     def step(x: Any, u: Any, ops: Ops) -> Any:
         th, w = ops.split(x)[:2]
         (tau,) = ops.split(u)[:1]
-        w_next = w + (3.0 * g / (2.0 * length) * ops.sin(th) + 3.0 / (m * length**2) * tau) * dt
+        w_next = w + accel(th, tau, ops) * dt
         return ops.stack([th + w_next * dt, w_next])
+
+    def ode(x: Any, u: Any, ops: Ops) -> Any:
+        th, w = ops.split(x)[:2]
+        (tau,) = ops.split(u)[:1]
+        return ops.stack([w, accel(th, tau, ops)])
 
     def state_cost(x: Any, ops: Ops) -> Any:
         th, w = ops.split(x)[:2]
@@ -500,6 +554,7 @@ def pendulum(
         cost_expr=cost,
         terminal_expr=lambda x, ops: terminal_weight * state_cost(x, ops),
         max_episode_steps=200,
+        ode_expr=ode,
     )
 
 
@@ -556,6 +611,7 @@ def cartpole(
         cost_expr=cost,
         terminal_expr=lambda s, ops: 10.0 * state_cost(s, ops),
         max_episode_steps=200,
+        ode_expr=ode,
     )
 
 
@@ -625,6 +681,7 @@ def acrobot(
         cost_expr=cost,
         terminal_expr=lambda s, ops: 10.0 * state_cost(s, ops),
         max_episode_steps=400,
+        ode_expr=ode,
     )
 
 
@@ -694,8 +751,13 @@ def linear(
 def double_integrator(dt: float = 0.1, action_bound: float = 1.0) -> AnalyticSystem:
     """Position-velocity double integrator (exact zero-order-hold discretization), state
     ``[p, v]``, force in ``[-action_bound, action_bound]``, cost ``p^2 + 0.1 v^2 + 0.1 u^2``,
-    terminal ``10 p^2 + v^2``, starting at ``[1, 0]``."""
-    return linear(
+    terminal ``10 p^2 + v^2``, starting at ``[1, 0]``; its ODE ``(p, v)' = (v, u)`` serves
+    collocation."""
+
+    def ode(x: Any, u: Any, ops: Ops) -> Any:
+        return ops.stack([ops.split(x)[1], ops.split(u)[0]])
+
+    system = linear(
         A=np.array([[1.0, dt], [0.0, 1.0]]),
         B=np.array([[0.5 * dt**2], [dt]]),
         Q=np.diag([1.0, 0.1]),
@@ -707,6 +769,7 @@ def double_integrator(dt: float = 0.1, action_bound: float = 1.0) -> AnalyticSys
         dt=dt,
         name="double_integrator",
     )
+    return dataclasses.replace(system, ode_expr=ode)
 
 
 SYSTEMS: dict[str, Callable[..., AnalyticSystem]] = {

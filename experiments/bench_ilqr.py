@@ -35,21 +35,22 @@ from machine import matmul_peak_gflops  # noqa: E402
 
 from mbrl.control import MPCController, run_episode  # noqa: E402
 from mbrl.control.nmpc import ipopt_reference  # noqa: E402
+from mbrl.dynamics.systems import SystemModel  # noqa: E402
 from mbrl.envs import make  # noqa: E402
 from mbrl.envs.systems import AnalyticSystem  # noqa: E402
-from mbrl.planners.base import Plan, PlanningProblem  # noqa: E402
+from mbrl.planners.base import Plan, PlanningProblem, WarmStart  # noqa: E402
 from mbrl.planners.ilqr import ILQR  # noqa: E402
 
 
 def problem_for(system: AnalyticSystem, horizon: int) -> PlanningProblem:
     return PlanningProblem(
-        system.model(),
+        SystemModel(system),
         system.reward_fn(),
         None,
         horizon,
         system.action_low,
         system.action_high,
-        terminal_reward_fn=system.terminal_reward_fn(),
+        value_fn=system.value_fn(),
     )
 
 
@@ -63,9 +64,11 @@ class Timed:
         self.iterations: list[int] = []
         self.statuses: list[str] = []
 
-    def plan(self, problem: PlanningProblem, x0: torch.Tensor, warm_start=None) -> Plan:
+    def plan(
+        self, problem: PlanningProblem, x0: torch.Tensor, warm: WarmStart | None = None
+    ) -> Plan:
         start, cpu = time.perf_counter(), time.process_time()
-        plan = self.planner.plan(problem, x0, warm_start)
+        plan = self.planner.plan(problem, x0, warm)
         self.seconds.append(time.perf_counter() - start)
         self.cpu_seconds.append(time.process_time() - cpu)
         self.iterations.append(plan.iterations)
@@ -105,9 +108,10 @@ def cold_bench(horizon: int, guess: float) -> dict:
     u_init = np.full((horizon, 1), guess)
     problem = problem_for(system, horizon)
     planner = ILQR(max_iterations=500, tol_rel_cost=1e-9)
-    planner.plan(problem, torch.tensor(x0), torch.tensor(u_init))  # compile the casadi twins
+    warm = WarmStart(torch.tensor(u_init))
+    planner.plan(problem, torch.tensor(x0), warm)  # compile the casadi twins
     start = time.perf_counter()
-    plan = planner.plan(problem, torch.tensor(x0), torch.tensor(u_init))
+    plan = planner.plan(problem, torch.tensor(x0), warm)
     seconds = time.perf_counter() - start
     ref = ipopt_reference(system, x0, u_init)
     return {

@@ -1,4 +1,4 @@
-"""Iterative LQR with control limits (box-DDP) on any model with differentiable mean dynamics.
+"""Iterative LQR with control limits (box-DDP) on any Linearizable or differentiable model.
 
 References: Tassa, Erez & Todorov 2012, "Synthesis and stabilization of complex behaviors
 through online trajectory optimization" (Sec. II: backward pass, regularization of Sec. II-F,
@@ -7,10 +7,13 @@ line search, the Levenberg-Marquardt schedule for ``mu``); Tassa, Mansard & Todo
 QP for the feed-forward term by projected Newton, Alg. 1, and zeroes the feedback rows of clamped
 controls).
 
-Notation: ``H`` horizon, ``X`` state, ``U`` action, ``Z = X + U``. The cost is minus the
-problem's reward, ``J = sum_t l(x_t, u_t) + l_H(x_H)`` with ``l = -reward`` and ``l_H`` minus the
-problem's terminal reward (zero without one); dynamics are the model's mean dynamics (particles
-and termination are ignored: iLQR plans one deterministic trajectory).
+Notation: ``H`` horizon, ``X`` state, ``U`` action, ``Z = X + U``. The cost is the problem's
+objective (:func:`~mbrl.planners.derivatives.stage_cost_of`),
+``J = sum_t l(x_t, u_t, t) + l_H(x_H)``: minus the reward and minus ``value_fn`` (zero without
+one), or the problem's ``stage_cost``; dynamics are the model's mean dynamics (particles,
+discount and termination are ignored: iLQR plans one deterministic trajectory). The backward
+pass is the shared Riccati recursion (:func:`~mbrl.planners.lqr.riccati_backward`) with the
+box-QP gain step (:func:`box_gain`).
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mbrl.planners.base import Plan, PlanningProblem
+from mbrl.planners.base import Plan, PlanningProblem, WarmStart
 from mbrl.planners.derivatives import (
+    ProblemCost,
+    StepFn,
     dynamics_jacobians,
-    stage_cost_expansion,
-    terminal_cost_expansion,
+    mean_step,
+    model_dtype,
+    stage_cost_of,
 )
+from mbrl.planners.lqr import GainFn, IndefiniteError, TimeVaryingLQR, riccati_backward
 from mbrl.shapes import check_shape
 
 _STATUSES = ("converged", "max_iterations", "diverged", "nonfinite")
@@ -178,50 +185,50 @@ class ILQR:
     # ------------------------------------------------------------------ the solver
 
     def plan(
-        self, problem: PlanningProblem, x0: torch.Tensor, warm_start: torch.Tensor | None = None
+        self, problem: PlanningProblem, x0: torch.Tensor, warm: WarmStart | None = None
     ) -> Plan:
-        """Optimise ``H`` actions from ``x0 [X]`` starting from ``warm_start [H, U]`` (zeros
+        """Optimise ``H`` actions from ``x0 [X]`` starting from ``warm.actions [H, U]`` (zeros
         clipped into the bounds when ``None``; non-finite entries are replaced the same way).
 
-        Returns a :class:`Plan` in ``x0``'s dtype and device with ``actions [H, U]``,
-        ``K [H, U, X]``, ``x_ref [H + 1, X]``, the status of the stopping rule and diagnostics
-        ``cost``, ``initial_cost``, ``grad_norm``, ``mu``, ``expected_reduction``,
-        ``backward_failures``, ``rejected_steps``.
+        The model is called in its own dtype (``x0``'s for models that follow their inputs);
+        the backward pass runs in float64. Returns a :class:`Plan` in ``x0``'s dtype and device
+        with ``actions [H, U]``, ``K [H, U, X]``, ``x_ref [H + 1, X]``, the status of the
+        stopping rule and diagnostics ``cost``, ``initial_cost``, ``grad_norm``, ``mu``,
+        ``expected_reduction``, ``backward_failures``, ``rejected_steps``.
+
+        Raises:
+            ValueError: ``x0`` is not one state, or the model learns the reward.
+            TypeError: the model is neither ``Linearizable`` nor a ``DifferentiableModel``, or
+                the reward (or ``value_fn``) is not differentiable (checked before any
+                autograd call; see :func:`~mbrl.planners.derivatives.stage_cost_of`).
         """
         h, nu = problem.horizon, problem.act_dim
         if x0.ndim != 1:
             raise ValueError(f"x0 must be one state [X], got shape {list(x0.shape)}")
         nx = x0.shape[0]
-        dtype, device = x0.dtype, x0.device
+        out_dtype, device = x0.dtype, x0.device
+        objective = stage_cost_of(problem)
+        step = mean_step(problem.model)
+        dtype = model_dtype(problem.model, x0.dtype)
         low = problem.action_low.to(dtype=dtype, device=device)  # [U]
         high = problem.action_high.to(dtype=dtype, device=device)  # [U]
         default = torch.clamp(torch.zeros(nu, dtype=dtype, device=device), low, high)  # [U]
-        if warm_start is None:
+        if warm is None:
             u = default.expand(h, nu).clone()  # [H, U]
         else:
-            check_shape("warm_start", warm_start, (h, nu))
-            u = warm_start.to(dtype=dtype, device=device)
+            check_shape("warm.actions", warm.actions, (h, nu))
+            u = warm.actions.to(dtype=dtype, device=device)
             u = torch.where(torch.isfinite(u), u, default)
             u = torch.minimum(torch.maximum(u, low), high)
-        model = problem.model
-        if getattr(model, "learns_reward", False):
-            raise ValueError(
-                "iLQR differentiates the problem's reward_fn, but this model learns the reward; "
-                "use a model with learns_reward=False"
-            )
-        step = getattr(model, "mean_dynamics", None)
-        if step is None:
-            raise TypeError(
-                f"{type(model).__name__} has no mean_dynamics(x, u); iLQR needs a model with "
-                "differentiable mean dynamics (KnownModel, an ensemble's mean)"
-            )
-        low_np, high_np = low.double().cpu().numpy(), high.double().cpu().numpy()
+        low64, high64 = low.double().cpu(), high.double().cpu()  # [U]
+        times = torch.arange(h, device=device)  # [H]
+        x0 = x0.to(dtype)
 
-        x, cost = self._rollout_open(problem, x0, u)
+        x, cost = self._rollout_open(step, objective, x0, u)
         if not (torch.isfinite(x).all() and np.isfinite(cost)):
             problem.nonfinite += 1
             return Plan(
-                actions=u,
+                actions=u.to(out_dtype),
                 expected_return=float("-inf"),
                 status="nonfinite",
                 nonfinite=1,
@@ -230,7 +237,7 @@ class ILQR:
         initial_cost = cost
         mu, delta = self.mu_init, 1.0
         status = "max_iterations"
-        K = np.zeros((h, nu, nx))  # [H, U, X]
+        K = torch.zeros(h, nu, nx, dtype=torch.float64)  # [H, U, X]
         grad_norm, expected, backward_failures, rejected, nonfinite = np.inf, 0.0, 0, 0, 0
         iterations = 0
         need_expansion = True
@@ -238,15 +245,16 @@ class ILQR:
             iterations += 1
             if need_expansion:
                 try:
-                    expansion = self._expand(problem, x, u)
+                    expansion = self._expand(problem, objective, x, u, times)
                 except FloatingPointError:
                     status = "nonfinite"
                     break
                 need_expansion = False
-            u_np = u.double().cpu().numpy()
+            u64 = u.double().cpu()  # [H, U]
+            gain = box_gain(low64 - u64, high64 - u64)
             # backward pass, raising mu until every Q_uu is positive definite
             while True:
-                result = self._backward(*expansion, mu, low_np - u_np, high_np - u_np, nu)
+                result = self._backward(expansion, mu, gain)
                 if result is not None:
                     break
                 backward_failures += 1
@@ -257,8 +265,9 @@ class ILQR:
             if result is None:
                 status = "diverged"
                 break
-            K_new, k_new, d1, d2 = result
-            grad_norm = float(np.mean(np.max(np.abs(k_new) / (np.abs(u_np) + 1.0), axis=1)))
+            K_new, k_new = result.K, result.k
+            d1, d2 = float(result.d1), float(result.d2)
+            grad_norm = float(torch.mean(torch.amax(k_new.abs() / (u64.abs() + 1.0), dim=1)))
             expected = -(d1 + d2)
             if grad_norm < self.tol_grad and mu < 1e-5:
                 K = K_new
@@ -269,7 +278,7 @@ class ILQR:
                 status = "converged"
                 break
             # forward pass: every alpha at once
-            xs, us, costs = self._rollout_closed(problem, x0, x, u, K_new, k_new, low, high)
+            xs, us, costs = self._rollout_closed(step, objective, x0, x, u, K_new, k_new, low, high)
             bad = ~np.isfinite(costs)
             nonfinite += int(bad.sum())
             reduction = cost - costs  # [A]
@@ -297,10 +306,10 @@ class ILQR:
         if nonfinite:
             problem.nonfinite += nonfinite
         return Plan(
-            actions=u,
+            actions=u.to(out_dtype),
             expected_return=-cost,
-            K=torch.as_tensor(K, dtype=dtype, device=device),
-            x_ref=x,
+            K=K.to(dtype=out_dtype, device=device),
+            x_ref=x.to(out_dtype),
             status=status,
             iterations=iterations,
             nonfinite=nonfinite,
@@ -318,40 +327,27 @@ class ILQR:
     # ------------------------------------------------------------------ pieces
 
     @staticmethod
-    def _trajectory_cost(
-        problem: PlanningProblem, x: torch.Tensor, u: torch.Tensor
-    ) -> torch.Tensor:
-        """Costs ``[A]`` of trajectories ``x [A, H + 1, X]``, ``u [A, H, U]`` (float64)."""
-        a, h1, nx = x.shape
-        nu = u.shape[-1]
-        xs = x[:, :-1].reshape(-1, nx)
-        reward = problem.reward_fn(xs, u.reshape(-1, nu), x[:, 1:].reshape(-1, nx))
-        total = -reward.double().view(a, h1 - 1).sum(dim=1)  # [A]
-        if problem.terminal_reward_fn is not None:
-            total = total - problem.terminal_reward_fn(x[:, -1]).double()
-        return total
-
     def _rollout_open(
-        self, problem: PlanningProblem, x0: torch.Tensor, u: torch.Tensor
+        step: StepFn, objective: ProblemCost, x0: torch.Tensor, u: torch.Tensor
     ) -> tuple[torch.Tensor, float]:
         """States ``[H + 1, X]`` and cost of the open-loop actions ``u [H, U]``."""
-        step = problem.model.mean_dynamics
         with torch.no_grad():
             xs = [x0.reshape(1, -1)]
             for ut in u.unsqueeze(1).unbind(0):
                 xs.append(step(xs[-1], ut))
             x = torch.cat(xs)  # [H + 1, X]
-            cost = float(self._trajectory_cost(problem, x.unsqueeze(0), u.unsqueeze(0))[0])
+            cost = float(objective.trajectory_cost(x.unsqueeze(0), u.unsqueeze(0))[0])
         return x, cost
 
     def _rollout_closed(
         self,
-        problem: PlanningProblem,
+        step: StepFn,
+        objective: ProblemCost,
         x0: torch.Tensor,
         x_ref: torch.Tensor,
         u_ref: torch.Tensor,
-        K: np.ndarray,
-        k: np.ndarray,
+        K: torch.Tensor,
+        k: torch.Tensor,
         low: torch.Tensor,
         high: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -363,11 +359,10 @@ class ILQR:
         dtype, device = x0.dtype, x0.device
         n = len(self.alphas)
         alphas = torch.as_tensor(self.alphas, dtype=dtype, device=device)  # [A]
-        k_t = torch.as_tensor(k, dtype=dtype, device=device)  # [H, U]
-        KT = torch.as_tensor(K, dtype=dtype, device=device).transpose(1, 2).unbind(0)  # H x [X, U]
+        k_t = k.to(dtype=dtype, device=device)  # [H, U]
+        KT = K.to(dtype=dtype, device=device).transpose(1, 2).unbind(0)  # H x [X, U]
         ff = (u_ref.unsqueeze(0) + alphas[:, None, None] * k_t).unbind(1)  # H x [A, U]
         refs = x_ref.unbind(0)  # H + 1 x [X]
-        step = problem.model.mean_dynamics
         with torch.no_grad():
             state = x0.expand(n, -1)  # [A, X]
             xs, us = [state], []
@@ -379,41 +374,50 @@ class ILQR:
                 us.append(act)
             x = torch.stack(xs, dim=1)  # [A, H + 1, X]
             u = torch.stack(us, dim=1)  # [A, H, U]
-            costs = self._trajectory_cost(problem, x, u)  # [A]
+            costs = objective.trajectory_cost(x, u)  # [A]
             finite = torch.isfinite(costs) & torch.isfinite(x).flatten(1).all(dim=1)
             costs = torch.where(finite, costs, torch.inf)
         return x, u, costs.cpu().numpy()
 
-    def _expand(self, problem: PlanningProblem, x: torch.Tensor, u: torch.Tensor) -> tuple:
-        """Dynamics and cost expansions along ``x [H + 1, X]``, ``u [H, U]`` as float64 numpy:
-        ``F [H, X + 1, Z + 1]`` (homogeneous ``[[f_x, f_u, 0], [0, 0, 1]]``), ``C [H, Z + 1,
-        Z + 1]`` (``[[l_zz, l_z], [l_z', 0]]``), ``V_H [X + 1, X + 1]`` and the regularizer
-        rows ``Rg [H, U, Z + 1]`` (``[f_u' f_x, f_u' f_u, 0]`` or ``[0, I, 0]``)."""
+    def _expand(
+        self,
+        problem: PlanningProblem,
+        objective: ProblemCost,
+        x: torch.Tensor,
+        u: torch.Tensor,
+        t: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """Dynamics and cost expansions along ``x [H + 1, X]``, ``u [H, U]`` at times
+        ``t [H]``, in the model's dtype, as float64 CPU tensors: ``F [H, X + 1, Z + 1]``
+        (homogeneous ``[[f_x, f_u, 0], [0, 0, 1]]``), ``C [H, Z + 1, Z + 1]``
+        (``[[l_zz, l_z], [l_z', 0]]``), ``V_H [X + 1, X + 1]`` and the regularizer rows
+        ``Rg [H, U, Z + 1]`` (``[f_u' f_x, f_u' f_u, 0]`` or ``[0, I, 0]``)."""
         h, nx = u.shape[0], x.shape[1]
         nu = u.shape[1]
         nz = nx + nu
-        A, B = dynamics_jacobians(problem.model, x[:-1], u)  # [H, X, X], [H, X, U]
-        stage = stage_cost_expansion(problem, x[:-1], u, x[1:], (A, B))
-        terminal = terminal_cost_expansion(problem, x[-1:])
-        fx = A.detach().double().cpu().numpy()
-        fu = B.detach().double().cpu().numpy()
-        F = np.zeros((h, nx + 1, nz + 1))
+        A, B = dynamics_jacobians(problem.model, x[:-1], u, t, problem.horizon)
+        stage = objective.expansion_along(x[:-1], u, t, x[1:], (A, B))
+        opts = {"dtype": torch.float64, "device": "cpu"}
+        fx = A.detach().to(**opts)
+        fu = B.detach().to(**opts)
+        F = torch.zeros(h, nx + 1, nz + 1, **opts)
         F[:, :nx, :nx], F[:, :nx, nx:nz], F[:, nx, nz] = fx, fu, 1.0
-        C = np.zeros((h, nz + 1, nz + 1))
-        C[:, :nz, :nz] = stage.hess.detach().double().cpu().numpy()
-        lz = stage.grad.detach().double().cpu().numpy()
+        C = torch.zeros(h, nz + 1, nz + 1, **opts)
+        C[:, :nz, :nz] = stage.hess.detach().to(**opts)
+        lz = stage.grad.detach().to(**opts)
         C[:, :nz, nz], C[:, nz, :nz] = lz, lz
-        VH = np.zeros((nx + 1, nx + 1))
-        if terminal is not None:
-            VH[:nx, :nx] = terminal.hess[0].detach().double().cpu().numpy()
-            lx = terminal.grad[0].detach().double().cpu().numpy()
+        VH = torch.zeros(nx + 1, nx + 1, **opts)
+        if objective.has_terminal:
+            terminal = objective.terminal_expansion(x[-1:])
+            VH[:nx, :nx] = terminal.hess[0].detach().to(**opts)
+            lx = terminal.grad[0].detach().to(**opts)
             VH[:nx, nx], VH[nx, :nx] = lx, lx
-        Rg = np.zeros((h, nu, nz + 1))
+        Rg = torch.zeros(h, nu, nz + 1, **opts)
         if self.regularization == "state":
-            Rg[:, :, :nz] = np.swapaxes(fu, 1, 2) @ F[:, :nx, :nz]
+            Rg[:, :, :nz] = fu.mT @ F[:, :nx, :nz]
         else:
-            Rg[:, :, nx:nz] = np.eye(nu)
-        if not (np.isfinite(F).all() and np.isfinite(C).all() and np.isfinite(VH).all()):
+            Rg[:, :, nx:nz] = torch.eye(nu, **opts)
+        if not (torch.isfinite(F).all() and torch.isfinite(C).all() and torch.isfinite(VH).all()):
             raise FloatingPointError(
                 "non-finite derivatives along a finite trajectory; check the model and reward"
             )
@@ -421,69 +425,58 @@ class ILQR:
 
     @staticmethod
     def _backward(
-        F: np.ndarray,
-        C: np.ndarray,
-        VH: np.ndarray,
-        Rg: np.ndarray,
-        mu: float,
-        dlow: np.ndarray,
-        dhigh: np.ndarray,
-        nu: int,
-    ) -> tuple[np.ndarray, np.ndarray, float, float] | None:
-        """One regularized box-DDP backward pass in homogeneous coordinates.
+        expansion: tuple[torch.Tensor, ...], mu: float, gain: GainFn
+    ) -> TimeVaryingLQR | None:
+        """One regularized box-DDP backward pass: :func:`~mbrl.planners.lqr.riccati_backward`
+        on the expansion (``F, C, V_H, Rg``, see :meth:`_expand`) with the regularizer
+        ``mu Rg`` and the box-QP ``gain`` (Tassa et al. 2012 eq. 11 in homogeneous
+        coordinates). ``None`` when some regularized ``Q_uu`` is not positive definite."""
+        F, C, VH, Rg = expansion
+        try:
+            return riccati_backward(F, C, VH, mu * Rg if mu > 0 else None, gain)
+        except IndefiniteError:
+            return None
 
-        With ``Q~ = C~_t + F~_t' V~ F~_t`` (``[Z + 1, Z + 1]``, last row/column the linear
-        terms) and the policy ``[x; u; 1] = M [x; 1]``, ``M = [[I, 0], [K, k], [0, 1]]``, the
-        value update ``V~ = M' Q~ M`` is Tassa et al. 2012 eq. 11. ``dlow, dhigh [H, U]`` bound
-        the feed-forward ``k``. Returns ``(K [H, U, X], k [H, U], d1, d2)``, or ``None`` when
-        some regularized ``Q_uu`` is not positive definite.
-        """
-        h, nx1, nz1 = F.shape
-        nx, nz = nx1 - 1, nz1 - 1
-        K = np.zeros((h, nu, nx))
-        k = np.zeros((h, nu))
-        M = np.zeros((nz1, nx1))
-        M[:nx, :nx] = np.eye(nx)
-        M[nz, nx] = 1.0
-        V = VH
-        d1 = d2 = 0.0
-        Fs, FTs, Cs = list(F), list(F.transpose(0, 2, 1)), list(C)
-        regs = list(mu * Rg) if mu > 0 else None
-        if nu == 1:  # box QP in closed form: clip the Newton step; Python floats for scalars
-            lows, highs = dlow[:, 0].tolist(), dhigh[:, 0].tolist()
-            for t in range(h - 1, -1, -1):
-                Q = Cs[t] + FTs[t] @ (V @ Fs[t])  # [Z + 1, Z + 1]
-                row = Q[nx] if regs is None else Q[nx] + regs[t][0]  # [Z + 1] regularized
-                quu, qu = float(row[nx]), float(Q[nx, nz])
-                if not quu > 0:
-                    return None
-                k_free = -qu / quu
-                kt = min(max(k_free, lows[t]), highs[t])
-                if kt == k_free:
-                    Kt = row[:nx] / -quu
-                    K[t, 0] = Kt
-                    M[nx, :nx] = Kt
-                else:
-                    M[nx, :nx] = 0.0
-                k[t, 0] = M[nx, nx] = kt
-                V = M.T @ Q @ M
-                d1 += kt * qu
-                d2 += 0.5 * kt * kt * float(Q[nx, nx])
-            return K, k, d1, d2
-        for t in range(h - 1, -1, -1):
-            Q = Cs[t] + FTs[t] @ (V @ Fs[t])  # [Z + 1, Z + 1]
-            rows = Q[nx:nz] if regs is None else Q[nx:nz] + regs[t]  # [U, Z + 1]
-            qu = Q[nx:nz, nz]  # [U] (not regularized)
-            kt, free, L = box_qp(rows[:, nx:nz], qu, dlow[t], dhigh[t], k[min(t + 1, h - 1)])
-            if not np.isfinite(kt).all():
-                return None
-            if free.any():
-                K[t][free] = -np.linalg.solve(L.T, np.linalg.solve(L, rows[free, :nx]))
-            k[t] = kt
-            M[nx:nz, :nx] = K[t]
-            M[nx:nz, nx] = kt
-            V = M.T @ Q @ M
-            V = 0.5 * (V + V.T)
-            d1 += float(kt @ qu)
-            d2 += 0.5 * float(kt @ Q[nx:nz, nx:nz] @ kt)
-        return K, k, d1, d2
+
+def box_gain(dlow: torch.Tensor, dhigh: torch.Tensor) -> GainFn:
+    """The box-DDP gain step (Tassa, Mansard & Todorov 2014) for
+    :func:`~mbrl.planners.lqr.riccati_backward`: the feed-forward ``k_t`` minimises the
+    regularized ``Q`` model over ``dlow[t] <= k <= dhigh[t]`` (``[H, U]``, float64, the bounds
+    minus the current actions) by :func:`box_qp`, warm-started at ``k_{t+1}``, and the
+    feedback rows of clamped controls are zero. One action (``U = 1``): the box QP in closed
+    form, the Newton step clipped, in Python floats. Raises
+    :class:`~mbrl.planners.lqr.IndefiniteError` when ``Q_uu`` is not positive definite on the
+    free controls."""
+    if dlow.shape[-1] == 1:
+        lows, highs = dlow[:, 0].tolist(), dhigh[:, 0].tolist()
+
+        def scalar(
+            t: int, Quu: torch.Tensor, Qux: torch.Tensor, qu: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            quu, q = float(Quu), float(qu)
+            if not quu > 0:
+                raise IndefiniteError(t)
+            k_free = -q / quu
+            kt = min(max(k_free, lows[t]), highs[t])
+            if kt == k_free:
+                return Qux / -quu, qu / -quu
+            return torch.zeros_like(Qux), torch.full_like(qu, kt)
+
+        return scalar
+    low_np, high_np = dlow.numpy(), dhigh.numpy()
+    prev = np.zeros(dlow.shape[-1])  # k_{t+1}: the box QP's warm start
+
+    def boxed(
+        t: int, Quu: torch.Tensor, Qux: torch.Tensor, qu: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows_x = Qux.numpy()
+        kt, free, L = box_qp(Quu.numpy(), qu.numpy(), low_np[t], high_np[t], prev)
+        if not np.isfinite(kt).all():
+            raise IndefiniteError(t)
+        K = np.zeros_like(rows_x)
+        if free.any():
+            K[free] = -np.linalg.solve(L.T, np.linalg.solve(L, rows_x[free]))
+        prev[:] = kt
+        return torch.from_numpy(K), torch.from_numpy(kt)
+
+    return boxed

@@ -9,14 +9,22 @@ All solves run in float64.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from mbrl.planners.base import Plan, PlanningProblem
-from mbrl.planners.derivatives import dynamics_jacobians, stage_cost_expansion
+from mbrl.planners.base import Plan, PlanningProblem, WarmStart
+from mbrl.planners.derivatives import (
+    ProblemCost,
+    dynamics_jacobians,
+    mean_step,
+    model_dtype,
+    stage_cost_of,
+)
 from mbrl.shapes import check_shape
 
 
@@ -109,13 +117,122 @@ def _check_lq(A: torch.Tensor, B: torch.Tensor, Q: torch.Tensor, R: torch.Tensor
 
 @dataclass(frozen=True)
 class TimeVaryingLQR:
-    """Solution of a finite-horizon LQR: the policy ``u_t = K_t x_t + k_t`` and the value
-    ``V_t(x) = x' V_t x / 2 + v_t' x + const``."""
+    """Solution of a finite-horizon LQR: the policy ``u_t = K_t x_t + k_t``, the value
+    ``V_t(x) = x' V_t x / 2 + v_t' x + const`` and the predicted change of the objective from
+    applying ``alpha k`` on top of the expansion point, ``alpha d1 + alpha^2 d2``. Leading batch
+    axes ``[...]`` (conditions ``M``, say) are kept in front of every field."""
 
-    K: torch.Tensor  # [H, U, X]
-    k: torch.Tensor  # [H, U]
-    V: torch.Tensor  # [H + 1, X, X]
-    v: torch.Tensor  # [H + 1, X]
+    K: torch.Tensor  # [..., H, U, X]
+    k: torch.Tensor  # [..., H, U]
+    V: torch.Tensor  # [..., H + 1, X, X]
+    v: torch.Tensor  # [..., H + 1, X]
+    d1: torch.Tensor  # [...] sum_t k_t' q_u,t
+    d2: torch.Tensor  # [...] sum_t k_t' Q_uu,t k_t / 2
+
+
+class IndefiniteError(ValueError):
+    """A step's ``Q_uu`` has no minimiser (not positive definite on the free controls)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"Q_uu is not positive definite at step {step}: the cost must be convex")
+        self.step = step
+
+
+GainFn = Callable[
+    [int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
+"""``gain(t, Q_uu [..., U, U], Q_ux [..., U, X], q_u [..., U]) -> (K [..., U, X], k [..., U])``:
+the minimiser of ``u' Q_uu u / 2 + u' (Q_ux x + q_u)`` as ``u = K x + k`` at step ``t`` (called
+for ``t = H-1 .. 0``); raises :class:`IndefiniteError` when there is none."""
+
+
+def unconstrained_gain(
+    t: int, Quu: torch.Tensor, Qux: torch.Tensor, qu: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The :data:`GainFn` without constraints: ``[K, k] = -Q_uu^-1 [Q_ux, q_u]`` (Cholesky)."""
+    L, info = torch.linalg.cholesky_ex(Quu)
+    if bool((info != 0).any()):
+        raise IndefiniteError(t)
+    gains = -torch.cholesky_solve(torch.cat([Qux, qu.unsqueeze(-1)], dim=-1), L)  # [..., U, X+1]
+    return gains[..., :-1], gains[..., -1]
+
+
+def riccati_backward(
+    F: torch.Tensor,
+    C: torch.Tensor,
+    V_final: torch.Tensor,
+    reg: torch.Tensor | None = None,
+    gain: GainFn = unconstrained_gain,
+) -> TimeVaryingLQR:
+    """The backward Riccati recursion of LQR, iLQR and LQR-FLM, in homogeneous coordinates.
+
+    With ``z~ = [x; u; 1]`` (``Z + 1`` entries) and ``x~ = [x; 1]``: dynamics ``x~' = F~_t z~``
+    (``F~ = [[f_x, f_u, f], [0, 0, 1]]``), stage cost ``z~' C~_t z~ / 2``
+    (``C~ = [[C, c], [c', 2 c0]]``) and terminal value ``x~' V~_H x~ / 2``. For
+    ``t = H-1 .. 0``::
+
+        Q~_t = C~_t + F~_t' V~_{t+1} F~_t                       [Z + 1, Z + 1]
+        (K_t, k_t) = gain(t, Q_uu + R_uu, Q_ux + R_ux, q_u)      R = reg_t (regularizer rows)
+        V~_t = M_t' Q~_t M_t,  M_t = [[I, 0], [K_t, k_t], [0, 1]]
+
+    (Tassa, Erez & Todorov 2012, eq. 5 and 11; the regularizer enters the gains only, eq. 10).
+    The gain step is pluggable: :func:`unconstrained_gain` (LQR) or iLQR's box QP
+    (:func:`mbrl.planners.ilqr.box_gain`).
+
+    Args:
+        F: ``[..., H, X + 1, Z + 1]``.
+        C: ``[..., H, Z + 1, Z + 1]`` symmetric.
+        V_final: ``[..., X + 1, X + 1]``.
+        reg: ``[..., H, U, Z + 1]`` added to the ``u`` rows of ``Q~`` for the gains, or ``None``.
+        gain: the per-step :data:`GainFn`.
+
+    Returns:
+        :class:`TimeVaryingLQR` in ``F``'s dtype and device (``V``, ``v`` from ``V~``).
+
+    Raises:
+        IndefiniteError: from ``gain``.
+    """
+    h, nx1, nz1 = F.shape[-3:]
+    nx, nz = nx1 - 1, nz1 - 1
+    batch = F.shape[:-3]
+    opts = {"dtype": F.dtype, "device": F.device}
+    top = torch.eye(nx, nx1, **opts).expand(*batch, nx, nx1)  # [..., X, X + 1]
+    last = torch.zeros(1, nx1, **opts)
+    last[0, nx] = 1.0
+    last = last.expand(*batch, 1, nx1)  # [..., 1, X + 1]
+    Fs, FTs, Cs = F.unbind(-3), F.mT.unbind(-3), C.unbind(-3)
+    regs = None if reg is None else reg.unbind(-3)
+    V = V_final
+    Ks, ks, Vs, qus, Quus = [], [], [V], [], []
+    unbatched = not batch
+    for t in range(h - 1, -1, -1):
+        VF = V @ Fs[t]  # [..., X + 1, Z + 1]
+        Q = torch.addmm(Cs[t], FTs[t], VF) if unbatched else Cs[t] + FTs[t] @ VF  # [Z+1, Z+1]
+        rows = Q[..., nx:nz, :] if regs is None else Q[..., nx:nz, :] + regs[t]  # [..., U, Z + 1]
+        qu = Q[..., nx:nz, nz]  # [..., U] (not regularized)
+        K, k = gain(t, rows[..., nx:nz], rows[..., :nx], qu)
+        M = torch.cat([top, torch.cat([K, k.unsqueeze(-1)], dim=-1), last], dim=-2)  # [Z+1, X+1]
+        V = M.mT @ (Q @ M)  # symmetric up to rounding; symmetrized once below
+        Ks.append(K)
+        ks.append(k)
+        Vs.append(V)
+        qus.append(qu)
+        Quus.append(Q[..., nx:nz, nx:nz])
+    k_all = torch.stack(ks[::-1], dim=-2)  # [..., H, U]
+    Vt = torch.stack(Vs[::-1], dim=-3)  # [..., H + 1, X + 1, X + 1]
+    Vt = 0.5 * (Vt + Vt.mT)
+    qu_all = torch.stack(qus[::-1], dim=-2)  # [..., H, U]
+    Quu_all = torch.stack(Quus[::-1], dim=-3)  # [..., H, U, U]
+    d1 = (k_all * qu_all).sum(dim=(-1, -2))
+    d2 = 0.5 * (k_all.unsqueeze(-2) @ Quu_all @ k_all.unsqueeze(-1)).sum(dim=(-1, -2, -3))
+    return TimeVaryingLQR(
+        K=torch.stack(Ks[::-1], dim=-3),
+        k=k_all,
+        V=Vt[..., :nx, :nx],
+        v=Vt[..., :nx, nx],
+        d1=d1,
+        d2=d2,
+    )
 
 
 def lqr_backward(
@@ -126,7 +243,8 @@ def lqr_backward(
     V_final: torch.Tensor | None = None,
     v_final: torch.Tensor | None = None,
 ) -> TimeVaryingLQR:
-    """Finite-horizon time-varying LQR with affine terms, by the backward Riccati recursion.
+    """Finite-horizon time-varying LQR with affine terms, by the backward Riccati recursion
+    (:func:`riccati_backward` with :func:`unconstrained_gain`), batched over leading axes.
 
     Problem: minimise ``sum_t (z_t' C_t z_t / 2 + c_t' z_t) + x_H' V_final x_H / 2 +
     v_final' x_H`` with ``z_t = [x_t; u_t]`` and ``x_{t+1} = F_t z_t + f_t``. Recursion (from
@@ -139,11 +257,11 @@ def lqr_backward(
         v_t = q_x + Q_xu k_t + K_t' q_u + K_t' Q_uu k_t
 
     Args:
-        F: ``[H, X, X + U]``, or a pair ``(A [H, X, X], B [H, X, U])``.
-        f: ``[H, X]`` offsets, or ``None`` for zero.
-        C: ``[H, X + U, X + U]`` symmetric, with ``Q_uu`` positive definite at every step.
-        c: ``[H, X + U]``.
-        V_final, v_final: ``[X, X]``, ``[X]`` terminal value (zero by default).
+        F: ``[..., H, X, X + U]``, or a pair ``(A [..., H, X, X], B [..., H, X, U])``.
+        f: ``[..., H, X]`` offsets, or ``None`` for zero.
+        C: ``[..., H, X + U, X + U]`` symmetric, with ``Q_uu`` positive definite at every step.
+        c: ``[..., H, X + U]``.
+        V_final, v_final: ``[..., X, X]``, ``[..., X]`` terminal value (zero by default).
 
     Returns:
         :class:`TimeVaryingLQR` in float64.
@@ -154,51 +272,34 @@ def lqr_backward(
     if isinstance(F, tuple):
         F = torch.cat([_f64(F[0]), _f64(F[1])], dim=-1)
     F, C, c = _f64(F), _f64(C), _f64(c)
-    h, nx, nz = F.shape
+    h, nx, nz = F.shape[-3:]
+    batch = F.shape[:-3]
     opts = {"dtype": torch.float64, "device": F.device}
-    check_shape("C", C, (h, nz, nz))
-    check_shape("c", c, (h, nz))
-    f = torch.zeros(h, nx, **opts) if f is None else _f64(f)
-    check_shape("f", f, (h, nx))
-    V = torch.zeros(nx, nx, **opts) if V_final is None else _f64(V_final)  # [X, X]
-    v = torch.zeros(nx, **opts) if v_final is None else _f64(v_final)  # [X]
-    Ks, ks, Vs, vs = [], [], [V], [v]
-    for t in reversed(range(h)):
-        Ft = F[t]  # [X, Z]
-        Qt = C[t] + Ft.mT @ V @ Ft  # [Z, Z]
-        qt = c[t] + Ft.mT @ (V @ f[t] + v)  # [Z]
-        L, info = torch.linalg.cholesky_ex(Qt[nx:, nx:])
-        if int(info) != 0:
-            raise ValueError(f"Q_uu is not positive definite at step {t}: the cost must be convex")
-        rhs = torch.cat([Qt[nx:, :nx], qt[nx:, None]], dim=1)  # [U, X + 1]
-        gains = -torch.cholesky_solve(rhs, L)  # [U, X + 1]
-        K, k = gains[:, :nx], gains[:, nx]
-        M = torch.zeros(nz + 1, nx + 1, **opts)  # [Z + 1, X + 1]: z = M [x; 1]
-        M[:nx, :nx] = torch.eye(nx, **opts)
-        M[nx:nz, :nx], M[nx:nz, nx], M[nz, nx] = K, k, 1.0
-        Qaug = torch.zeros(nz + 1, nz + 1, **opts)  # [[Q, q], [q', 0]]
-        Qaug[:nz, :nz], Qaug[:nz, nz], Qaug[nz, :nz] = Qt, qt, qt
-        Vaug = M.mT @ Qaug @ M  # [X + 1, X + 1]
-        V, v = 0.5 * (Vaug[:nx, :nx] + Vaug[:nx, :nx].mT), Vaug[:nx, nx]
-        Ks.append(K)
-        ks.append(k)
-        Vs.append(V)
-        vs.append(v)
-    return TimeVaryingLQR(
-        K=torch.stack(Ks[::-1]),
-        k=torch.stack(ks[::-1]),
-        V=torch.stack(Vs[::-1]),
-        v=torch.stack(vs[::-1]),
-    )
+    check_shape("C", C, (*batch, h, nz, nz))
+    check_shape("c", c, (*batch, h, nz))
+    f = torch.zeros(*batch, h, nx, **opts) if f is None else _f64(f)
+    check_shape("f", f, (*batch, h, nx))
+    V = torch.zeros(*batch, nx, nx, **opts) if V_final is None else _f64(V_final)
+    v = torch.zeros(*batch, nx, **opts) if v_final is None else _f64(v_final)
+    check_shape("V_final", V, (*batch, nx, nx))
+    check_shape("v_final", v, (*batch, nx))
+    Fh = torch.zeros(*batch, h, nx + 1, nz + 1, **opts)  # [[F, f], [0, 1]]
+    Fh[..., :nx, :nz], Fh[..., :nx, nz], Fh[..., nx, nz] = F, f, 1.0
+    Ch = torch.zeros(*batch, h, nz + 1, nz + 1, **opts)  # [[C, c], [c', 0]]
+    Ch[..., :nz, :nz], Ch[..., :nz, nz], Ch[..., nz, :nz] = C, c, c
+    Vh = torch.zeros(*batch, nx + 1, nx + 1, **opts)  # [[V, v], [v', 0]]
+    Vh[..., :nx, :nx], Vh[..., :nx, nx], Vh[..., nx, :nx] = V, v, v
+    return riccati_backward(Fh, Ch, Vh)
 
 
 class LQR:
     """Infinite-horizon LQR around a goal: ``u = u_goal + K (x - x_goal)``.
 
-    ``A, B`` are the model's Jacobians at ``(goal, goal_action)`` (exact for linear systems, a
-    linearization otherwise; see :mod:`mbrl.planners.derivatives`), ``Q, R`` half the stage
-    cost's Hessian blocks there unless given (cross terms are dropped). The gain is computed on
-    the first :meth:`plan` of a problem and kept for later calls on the same problem.
+    ``A, B`` are the model's Jacobians at ``(goal, goal_action)`` and ``t = 0`` (exact for
+    linear systems, a linearization otherwise; see :mod:`mbrl.planners.derivatives`; the model
+    is called in its own dtype), ``Q, R`` half the Hessian blocks of the problem's stage cost
+    there unless given (cross terms are dropped). The gain is computed in float64 on the first
+    :meth:`plan` of a problem and kept for later calls on the same problem.
 
     Args:
         goal: ``[X]`` state to regulate to (an equilibrium of the model under ``goal_action``).
@@ -219,6 +320,7 @@ class LQR:
         self.R = None if R is None else _f64(R)  # [U, U]
         self._problem: PlanningProblem | None = None
         self._gain: torch.Tensor | None = None  # [U, X]
+        self._objective: ProblemCost | None = None
 
     def gain(self, problem: PlanningProblem) -> torch.Tensor:
         """The gain ``K [U, X]`` (float64) for ``problem``'s model and cost."""
@@ -228,26 +330,36 @@ class LQR:
         u_goal = self.goal_action
         if u_goal is None:
             u_goal = torch.zeros(nu, dtype=torch.float64)
-        xg, ug = self.goal.reshape(1, nx), u_goal.reshape(1, nu)
-        A, B = dynamics_jacobians(problem.model, xg, ug)
+        objective = stage_cost_of(problem)
+        dtype = model_dtype(problem.model, torch.float64)
+        xg, ug = self.goal.reshape(1, nx).to(dtype), u_goal.reshape(1, nu).to(dtype)
+        t0 = torch.zeros(1, dtype=torch.long)
+        A, B = dynamics_jacobians(problem.model, xg, ug, t0, problem.horizon)
         Q, R = self.Q, self.R
         if Q is None or R is None:
-            hess = stage_cost_expansion(problem, xg, ug).hess[0]  # [Z, Z]
+            hess = objective.expansion(xg, ug, t0).hess[0].double()  # [Z, Z]
             Q = 0.5 * hess[:nx, :nx] if Q is None else Q
             R = 0.5 * hess[nx:, nx:] if R is None else R
-        self._gain = lqr_gain(A[0], B[0], Q, R)
-        self._problem = problem
+        self._gain = lqr_gain(A[0].double(), B[0].double(), Q, R)
+        self._problem, self._objective = problem, objective
         return self._gain
 
-    def plan(self, problem: PlanningProblem, x0: torch.Tensor, warm_start: Any = None) -> Plan:
+    def plan(
+        self, problem: PlanningProblem, x0: torch.Tensor, warm: WarmStart | None = None
+    ) -> Plan:
         """Roll the closed loop ``u = clip(u_goal + K (x - goal))`` through the model's mean
-        dynamics for ``H`` steps from ``x0 [X]``; the plan carries the predicted states as
-        ``x_ref`` and ``K`` at every step. ``warm_start`` is ignored. Status ``"ok"``, or
-        ``"nonfinite"`` when the predicted rollout is not finite."""
+        dynamics (in the model's dtype) for ``H`` steps from ``x0 [X]``; the plan, in ``x0``'s
+        dtype and device, carries the predicted states as ``x_ref [H + 1, X]``, ``K [H, U, X]``
+        at every step and ``expected_return`` minus the objective of the predicted
+        trajectory. ``warm`` is ignored. Status ``"ok"``, or ``"nonfinite"`` when the
+        predicted rollout is not finite."""
         h, nu = problem.horizon, problem.act_dim
         check_shape("x0", x0, (self.goal.shape[0],))
-        dtype, device = x0.dtype, x0.device
-        K = self.gain(problem).to(dtype=dtype, device=device)  # [U, X]
+        K64 = self.gain(problem)
+        objective = self._objective
+        out_dtype, device = x0.dtype, x0.device
+        dtype = model_dtype(problem.model, x0.dtype)
+        K = K64.to(dtype=dtype, device=device)  # [U, X]
         goal = self.goal.to(dtype=dtype, device=device)  # [X]
         u_goal = (
             torch.zeros(nu, dtype=dtype, device=device)
@@ -256,22 +368,21 @@ class LQR:
         )
         low = problem.action_low.to(dtype=dtype, device=device)
         high = problem.action_high.to(dtype=dtype, device=device)
-        xs, us = [x0.reshape(1, -1)], []
+        step = mean_step(problem.model)
+        xs, us = [x0.reshape(1, -1).to(dtype)], []
         with torch.no_grad():
             for _ in range(h):
                 u = torch.clamp(u_goal + (xs[-1] - goal) @ K.mT, low, high)  # [1, U]
                 us.append(u)
-                xs.append(problem.model.mean_dynamics(xs[-1], u))
+                xs.append(step(xs[-1], u))
             x_ref = torch.cat(xs)  # [H + 1, X]
             actions = torch.cat(us)  # [H, U]
-            ret = problem.reward_fn(x_ref[:-1], actions, x_ref[1:]).sum()
-            if problem.terminal_reward_fn is not None:
-                ret = ret + problem.terminal_reward_fn(x_ref[-1:]).sum()
-        finite = bool(torch.isfinite(x_ref).all()) and bool(torch.isfinite(ret))
+            cost = float(objective.trajectory_cost(x_ref[None], actions[None])[0])
+        finite = bool(torch.isfinite(x_ref).all()) and math.isfinite(cost)
         return Plan(
-            actions=actions,
-            expected_return=float(ret) if finite else float("-inf"),
-            K=K.expand(h, -1, -1),
-            x_ref=x_ref,
+            actions=actions.to(out_dtype),
+            expected_return=-cost if finite else float("-inf"),
+            K=K64.to(dtype=out_dtype, device=device).expand(h, -1, -1),
+            x_ref=x_ref.to(out_dtype),
             status="ok" if finite else "nonfinite",
         )

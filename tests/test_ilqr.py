@@ -9,9 +9,10 @@ import torch
 
 from mbrl.control import MPCController, run_episode
 from mbrl.control.nmpc import ipopt_reference
+from mbrl.dynamics.systems import SystemModel
 from mbrl.envs import make
 from mbrl.envs.systems import SYSTEMS, AnalyticSystem, double_integrator
-from mbrl.planners.base import PlanningProblem
+from mbrl.planners.base import PlanningProblem, WarmStart
 from mbrl.planners.ilqr import ILQR, box_qp
 from mbrl.planners.lqr import lqr_backward
 from mbrl.shapes import ShapeError
@@ -21,13 +22,13 @@ F64 = torch.float64
 
 def system_problem(system: AnalyticSystem, horizon: int, model=None, reward_fn=None):
     return PlanningProblem(
-        system.model() if model is None else model,
+        SystemModel(system) if model is None else model,
         system.reward_fn() if reward_fn is None else reward_fn,
         None,
         horizon,
         system.action_low,
         system.action_high,
-        terminal_reward_fn=system.terminal_reward_fn(),
+        value_fn=system.value_fn(),
     )
 
 
@@ -64,14 +65,16 @@ def test_one_iteration_on_linear_quadratic_equals_lqr(system: AnalyticSystem) ->
     x0 = np.array([1.0, -0.5, 0.3][: system.obs_dim])
     u_ref, x_ref, sol = lq_reference(system, x0, h)
     plan = ILQR(max_iterations=1, mu_init=0.0).plan(
-        system_problem(system, h), torch.tensor(x0), torch.zeros(h, system.act_dim, dtype=F64)
+        system_problem(system, h),
+        torch.tensor(x0),
+        WarmStart(torch.zeros(h, system.act_dim, dtype=F64)),
     )
     torch.testing.assert_close(plan.actions, u_ref, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(plan.x_ref, x_ref, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(plan.K, sol.K, rtol=1e-8, atol=1e-8)
     # a second iteration finds nothing left to gain
     plan2 = ILQR(max_iterations=5, mu_init=0.0).plan(
-        system_problem(system, h), torch.tensor(x0), plan.actions
+        system_problem(system, h), torch.tensor(x0), WarmStart(plan.actions)
     )
     assert plan2.status == "converged" and plan2.iterations == 1
 
@@ -103,7 +106,7 @@ def test_pendulum_swingup_reaches_ipopt_optimum() -> None:
     h = 80
     u_init = np.full((h, 1), 1.0)
     plan = ILQR(max_iterations=200, tol_rel_cost=1e-9).plan(
-        system_problem(system, h), torch.tensor(system.start), torch.tensor(u_init)
+        system_problem(system, h), torch.tensor(system.start), WarmStart(torch.tensor(u_init))
     )
     reference = ipopt_reference(system, system.start, u_init).cost
     assert plan.status == "converged"
@@ -115,7 +118,9 @@ def test_pendulum_swingup_reaches_ipopt_optimum() -> None:
 def test_control_bounds_are_respected() -> None:
     system = SYSTEMS["pendulum"]()
     plan = ILQR(max_iterations=100).plan(
-        system_problem(system, 60), torch.tensor(system.start), torch.full((60, 1), 0.5, dtype=F64)
+        system_problem(system, 60),
+        torch.tensor(system.start),
+        WarmStart(torch.full((60, 1), 0.5, dtype=F64)),
     )
     assert plan.actions.abs().max() <= 2.0
     saturated = plan.actions.abs() >= 2.0 - 1e-12  # [H, U]
@@ -172,7 +177,9 @@ def test_indefinite_hessian_is_regularized() -> None:
     rises until the backward pass succeeds, and the solve still converges."""
     system = SYSTEMS["pendulum"]()
     plan = ILQR(max_iterations=200, mu_init=1e-6).plan(
-        system_problem(system, 50), torch.tensor(system.start), torch.full((50, 1), 0.5, dtype=F64)
+        system_problem(system, 50),
+        torch.tensor(system.start),
+        WarmStart(torch.full((50, 1), 0.5, dtype=F64)),
     )
     assert plan.diagnostics["backward_failures"] >= 1
     assert plan.status == "converged"
@@ -190,13 +197,14 @@ def test_generic_model_and_reward_paths_agree() -> None:
 
     class Plain:
         learns_reward = False
+        obs_dim, act_dim = system.obs_dim, system.act_dim
         mean_dynamics = staticmethod(system.step)
 
     def reward(obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
         return -system.cost(obs, act) + 0.0 * next_obs.sum(-1)  # depends on next_obs
 
     x0 = torch.tensor(system.start, dtype=F64)
-    warm = torch.full((30, 1), 2.0, dtype=F64)
+    warm = WarmStart(torch.full((30, 1), 2.0, dtype=F64))
     fast = ILQR(max_iterations=8).plan(system_problem(system, 30), x0, warm)
     slow = ILQR(max_iterations=8).plan(system_problem(system, 30, Plain(), reward), x0, warm)
     torch.testing.assert_close(slow.actions, fast.actions, rtol=1e-7, atol=1e-7)
@@ -206,7 +214,7 @@ def test_generic_model_and_reward_paths_agree() -> None:
 def test_deterministic_and_dtype_following() -> None:
     system = SYSTEMS["acrobot"]()
     problem = system_problem(system, 20)
-    warm = torch.full((20, 1), 1.0)
+    warm = WarmStart(torch.full((20, 1), 1.0))
     a = ILQR(max_iterations=5).plan(problem, torch.tensor(system.start, dtype=torch.float32), warm)
     b = ILQR(max_iterations=5).plan(problem, torch.tensor(system.start, dtype=torch.float32), warm)
     assert torch.equal(a.actions, b.actions) and torch.equal(a.K, b.K)
@@ -217,8 +225,8 @@ def test_deterministic_and_dtype_following() -> None:
 def test_bad_input_raises() -> None:
     system = SYSTEMS["pendulum"]()
     problem = system_problem(system, 10)
-    with pytest.raises(ShapeError, match="warm_start"):
-        ILQR().plan(problem, torch.zeros(2), torch.zeros(9, 1))
+    with pytest.raises(ShapeError, match="warm.actions"):
+        ILQR().plan(problem, torch.zeros(2), WarmStart(torch.zeros(9, 1)))
     with pytest.raises(ValueError, match="one state"):
         ILQR().plan(problem, torch.zeros(1, 2))
     with pytest.raises(ValueError, match="regularization"):

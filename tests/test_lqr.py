@@ -8,6 +8,7 @@ import scipy.linalg
 import torch
 
 from mbrl.control import MPCController, run_episode
+from mbrl.dynamics.systems import SystemModel
 from mbrl.envs import make
 from mbrl.envs.systems import SYSTEMS, double_integrator
 from mbrl.planners.base import PlanningProblem
@@ -128,13 +129,13 @@ def test_lqr_backward_rejects_nonconvex_cost() -> None:
 
 def system_problem(system, horizon: int) -> PlanningProblem:
     return PlanningProblem(
-        system.model(),
+        SystemModel(system),
         system.reward_fn(),
         None,
         horizon,
         system.action_low,
         system.action_high,
-        terminal_reward_fn=system.terminal_reward_fn(),
+        value_fn=system.value_fn(),
     )
 
 

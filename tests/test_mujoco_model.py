@@ -11,7 +11,7 @@ from mbrl.dynamics import DynamicsModel
 from mbrl.dynamics.mujoco_model import MujocoModel
 from mbrl.envs import make
 from mbrl.envs.spec import never_terminates
-from mbrl.planners.base import PlanningProblem
+from mbrl.planners.base import PlanningProblem, WarmStart
 
 CHEETAH = ("HalfCheetah-v5", {"exclude_current_positions_from_observation": False})
 PENDULUM = ("InvertedPendulum-v5", {})
@@ -225,7 +225,8 @@ def test_ilqr_plans_on_the_simulator_through_linearize():
     problem = PlanningProblem(model, spec.reward_fn, None, 20, *spec.action_bounds())
     x0 = torch.tensor([0.0, 2.8, 0.0, 0.5], dtype=torch.float64)
     # (From zero actions the PETS reward is too flat near hanging for iLQR's gradient test.)
-    plan = ILQR(max_iterations=10).plan(problem, x0, torch.full((20, 1), 0.3, dtype=torch.float64))
+    warm = WarmStart(torch.full((20, 1), 0.3, dtype=torch.float64))
+    plan = ILQR(max_iterations=10).plan(problem, x0, warm)
     assert plan.diagnostics["cost"] < plan.diagnostics["initial_cost"] - 0.1
     # The plan's predicted states are the simulator's own rollout of its actions.
     sim = model.rollout_actions(x0, plan.actions[None].double())[0]

@@ -8,17 +8,23 @@ import pytest
 import torch
 
 from mbrl.control import RandomPolicy, run_episode
+from mbrl.dynamics.systems import SystemModel
 from mbrl.envs import make, names
 from mbrl.envs.systems import SYSTEMS, AnalyticSystem, SystemEnv, double_integrator
 from mbrl.planners.base import PlanningProblem
 from mbrl.planners.derivatives import (
+    QuadraticStageCost,
     autograd_cost_expansion,
     autograd_jacobian,
     dynamics_jacobians,
     finite_difference_jacobians,
-    stage_cost_expansion,
-    terminal_cost_expansion,
+    stage_cost_of,
 )
+
+
+def _t(n: int) -> torch.Tensor:
+    return torch.arange(n)
+
 
 ENV_NAMES = [
     "pendulum-swingup",
@@ -70,7 +76,7 @@ def test_torch_and_casadi_twins_agree(system: AnalyticSystem) -> None:
 @pytest.mark.parametrize("system", all_systems(), ids=lambda s: s.name)
 def test_model_fast_path_equals_torch_step(system: AnalyticSystem) -> None:
     """The model's compiled casadi step (no grad) equals the torch step, float32 and float64."""
-    model = system.model()
+    model = SystemModel(system)
     x, u = random_points(system, 5, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(model.mean_dynamics(x, u), system.step(x, u), atol=1e-12, rtol=0)
@@ -87,7 +93,7 @@ def test_model_fast_path_equals_torch_step(system: AnalyticSystem) -> None:
 def test_dynamics_jacobians_match_finite_differences(system: AnalyticSystem) -> None:
     x, u = random_points(system, 6, seed=2)
     A_fd, B_fd = finite_difference_jacobians(system.step, x, u, eps=1e-6)
-    A_ca, B_ca = system.model().linearize(x, u)  # casadi AD
+    A_ca, B_ca = SystemModel(system).linearize(x, u)  # casadi AD
     assert A_ca.shape == (6, system.obs_dim, system.obs_dim)
     assert B_ca.shape == (6, system.obs_dim, system.act_dim)
     nx = system.obs_dim
@@ -107,6 +113,7 @@ class _PlainModel:
     learns_reward = False
 
     def __init__(self, system: AnalyticSystem) -> None:
+        self.obs_dim, self.act_dim = system.obs_dim, system.act_dim
         self.mean_dynamics = system.step
 
 
@@ -130,13 +137,15 @@ def test_cost_derivatives_match_finite_differences(system: AnalyticSystem) -> No
 
     g_fd = _fd_grad(stage, z)
     h_fd = _fd_grad(stage_grad, z)
-    c, g, h = system.cost_expansion(x, u)  # casadi AD
+    e = system.stage_cost().expansion(x, u, _t(6))  # casadi AD
+    c, g, h = e.cost, e.grad, e.hess
     auto = autograd_cost_expansion(stage, z)
     torch.testing.assert_close(c, system.cost(x, u), atol=1e-12, rtol=0)
     for grad, hess in [(g, h), (auto.grad, auto.hess)]:
         torch.testing.assert_close(grad, g_fd, atol=1e-5, rtol=1e-6)
         torch.testing.assert_close(hess, h_fd, atol=1e-5, rtol=1e-6)
-    c, g, h = system.terminal_cost_expansion(x)
+    e = system.stage_cost().terminal_expansion(x)
+    c, g, h = e.cost, e.grad, e.hess
     term = autograd_cost_expansion(system.terminal_cost, x)
     torch.testing.assert_close(g, _fd_grad(system.terminal_cost, x), atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(h, term.hess, atol=1e-8, rtol=1e-8)
@@ -149,19 +158,23 @@ def test_problem_cost_expansions_agree_across_paths() -> None:
     system = double_integrator()
     x, u = random_points(system, 4, seed=4)
 
-    def problem(reward_fn, terminal_fn) -> PlanningProblem:
+    def problem(reward_fn, value_fn, stage_cost=None) -> PlanningProblem:
         low, high = system.action_low, system.action_high
         return PlanningProblem(
-            system.model(), reward_fn, None, 5, low, high, terminal_reward_fn=terminal_fn
-        )
+            SystemModel(system), reward_fn, None, 5, low, high, value_fn=value_fn,
+            stage_cost=stage_cost,
+        )  # fmt: skip
 
-    full = problem(system.reward_fn(), system.terminal_reward_fn())
-    quad = system.reward_fn()
-    del quad.cost_expansion  # fall back to the quadratic closed form
-    closed = problem(quad, lambda obs: -system.terminal_cost(obs))
-    plain = problem(lambda o, a, n: -system.cost(o, a), lambda obs: -system.terminal_cost(obs))
-    expansions = [stage_cost_expansion(p, x, u) for p in (full, closed, plain)]
-    terminals = [terminal_cost_expansion(p, x) for p in (full, closed, plain)]
+    full = problem(system.reward_fn(), system.value_fn())
+    q = system.quadratic
+    quad = QuadraticStageCost(q.Q, q.R, q.Qf, q.goal)  # the quadratic closed form
+    closed = problem(system.reward_fn(), None, stage_cost=quad)
+    plain = problem(
+        lambda o, a, n: -system.cost(o, a), lambda state: -system.terminal_cost(state.obs)
+    )
+    costs = [stage_cost_of(p) for p in (full, closed, plain)]
+    expansions = [c.expansion(x, u, _t(4)) for c in costs]
+    terminals = [c.terminal_expansion(x) for c in costs]
     for e in expansions[1:]:
         torch.testing.assert_close(e.grad, expansions[0].grad)
         torch.testing.assert_close(e.hess, expansions[0].hess)
@@ -251,9 +264,9 @@ def test_reward_on_next_obs_is_chained_through_the_jacobians(factory) -> None:
         return -reward(w[:, :nx], w[:, nx:], system.step(w[:, :nx], w[:, nx:]))
 
     z = torch.cat([x, u], -1)
-    for model in (_PlainModel(system), system.model()):
+    for model in (_PlainModel(system), SystemModel(system)):
         problem = PlanningProblem(model, reward, None, 5, system.action_low, system.action_high)
-        e = stage_cost_expansion(problem, x, u)
+        e = stage_cost_of(problem).expansion(x, u, _t(5))
         torch.testing.assert_close(e.cost, composite(z))
         torch.testing.assert_close(e.grad, _fd_grad(composite, z), atol=1e-6, rtol=1e-6)
         if system.quadratic is not None:  # linear dynamics: the Hessian is exact too
