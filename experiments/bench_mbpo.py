@@ -29,9 +29,11 @@ from machine import matmul_peak_gflops  # noqa: E402
 
 from mbrl import envs  # noqa: E402
 from mbrl.algorithms import mbpo  # noqa: E402
+from mbrl.algorithms.factory import make_ensemble, make_learner  # noqa: E402
 from mbrl.buffer import ReplayBuffer  # noqa: E402
 from mbrl.config import load_config  # noqa: E402
-from mbrl.dyna import branched_rollout, make_learner, make_model  # noqa: E402
+from mbrl.imagination import branched_rollout  # noqa: E402
+from mbrl.planners import PlanningProblem  # noqa: E402
 
 
 def _best(fn, repeats: int) -> float:
@@ -86,7 +88,7 @@ def main() -> None:
     learner.update(batches[0])  # warm-up
     update_s = _best(lambda: [learner.update(b) for b in batches], args.repeats) / args.updates
 
-    model = make_model(cfg.model, spec, dev, 0, hidden)
+    model = make_ensemble(cfg.model, spec, dev, 0, hidden)
     data = buffer.all()
     start = time.perf_counter()
     report = model.fit(data)
@@ -96,16 +98,12 @@ def main() -> None:
     n = args.rollout_batch or cfg.branch.rollout_batch_size
     starts = buffer.sample(n, gen).obs
 
+    low, high = spec.action_bounds(dev)
+    all_alive = lambda o: torch.zeros(o.shape[0], dtype=torch.bool, device=o.device)  # noqa: E731
+    problem = PlanningProblem(model, spec.reward_fn, all_alive, 2, low, high, 1, gen)
+
     def rollout(k: int):
-        return branched_rollout(
-            model,
-            lambda o: learner.act(o, generator=gen),
-            starts,
-            k,
-            spec.reward_fn,
-            lambda o: torch.zeros(o.shape[0], dtype=torch.bool, device=o.device),  # all alive
-            gen,
-        )
+        return branched_rollout(problem, lambda o: learner.act(o, generator=gen), starts, k)
 
     rollout_step_s = (
         _best(lambda: rollout(2), args.repeats) / 2 * (cfg.branch.rollout_batch_size / n)

@@ -1,8 +1,12 @@
 """Typed configs at the edges: dataclasses filled from YAML files and ``key=value`` overrides.
 
-Library classes never see a config object; only the CLI and ``experiments/`` read configs and
-pass plain values on. A config is a (possibly nested) dataclass whose field docstrings are the
-documentation; an unknown key is an error that names the valid ones.
+Library classes never see a config object; only the CLI, the algorithms' run functions and
+``experiments/`` read configs and pass plain values on. A config is a (possibly nested)
+dataclass whose field docstrings are the documentation. Everything is checked while the config
+loads, before a run folder exists: an unknown key is an error that names the valid ones, a
+choice field (``Literal[...]``) refuses a value outside its choices and lists them, and a
+config's ``__post_init__`` checks what its fields must satisfy together (raising
+:class:`ConfigError`).
 """
 
 from __future__ import annotations
@@ -121,7 +125,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if origin is typing.Literal:
         choices = typing.get_args(hint)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+            valid = ", ".join(map(str, choices))
+            raise ConfigError(f"unknown {key} {value!r}; valid: {valid}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):

@@ -11,7 +11,8 @@ Layout of ``runs/<name>/``::
 
 Checkpoints are written to a temporary file and renamed, so a run killed at any moment leaves
 the previous checkpoint intact. They hold only tensors, numbers, strings, lists and dicts and
-are read with ``torch.load(weights_only=True)``: nothing in them is ever executed. A resumed run
+are read with ``torch.load(weights_only=True)``: nothing in them is ever executed. What a
+training loop saves is one typed record, :class:`mbrl.algorithms.loop.Checkpoint`. A resumed run
 drops the metric rows logged after its checkpoint, in ``metrics.csv`` and in TensorBoard (whose
 events from that step on are purged).
 """

@@ -66,8 +66,8 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     assert _rows(tmp_path / "killed")[-1]["trial"] == "1"
     assert cli.main(["resume", str(tmp_path / "killed")]) == 0
     assert _rows(tmp_path / "killed") == full
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["state"]
-    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["state"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["state"]["parts"]
+    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["state"]["parts"]
     _assert_same(a["model"], b["model"])
     _assert_same(a["buffer"], b["buffer"])
 
@@ -180,8 +180,59 @@ def test_resume_refuses_a_truncated_checkpoint(tmp_path, capsys):
 def test_pets_model_leaves_out_the_position_features(env, ignore, blind):
     from mbrl import envs
     from mbrl.algorithms import pets
+    from mbrl.algorithms.factory import make_ensemble
 
     cfg = pets.Config(env=env, ignore_positions=ignore)
-    model = pets.build_model(cfg, envs.make(env), torch.device("cpu"))
+    spec = envs.make(env)
+    hidden = spec.position_obs if cfg.ignore_positions else ()
+    model = make_ensemble(cfg.model, spec, torch.device("cpu"), cfg.seed, hidden)
     assert bool(torch.isinf(model.in_std).any()) == blind
     assert model.ignored_obs == ((0,) if blind else ())
+
+
+PLANNERS = [("random", "RandomShooting"), ("cem", "CEM"), ("icem", "CEM"), ("mppi", "MPPI"),
+            ("ilqr", "ILQR")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, kind", PLANNERS)
+def test_the_factory_builds_every_planner_by_name(name, kind):
+    from mbrl.algorithms.factory import PlannerConfig, make_planner
+
+    planner = make_planner(PlannerConfig(name=name, population=32, iterations=2))
+    assert type(planner).__name__ == kind
+    if name == "icem":
+        assert planner.noise_beta == 2.0 and planner.shift_elites
+    if name == "ilqr":
+        assert planner.max_iterations == 20
+
+
+@pytest.mark.parametrize(
+    "algo, override, message",
+    [
+        ("pets", "planner.name=cme", "unknown planner.name 'cme'; valid: random, cem, icem, mppi"),
+        ("pets", "model.propagation=ts2", "unknown model.propagation 'ts2'; valid: ts1, ts_inf"),
+        ("pets", "model.planning_dtype=fp16", "valid: float32, bfloat16"),
+        ("gp-mpc", "model.kernel=rbff", "unknown model.kernel 'rbff'; valid: rbf, matern"),
+        ("sac", "learner.name=ppo", "unknown learner.name 'ppo'; valid: sac, td3, ddpg, naf"),
+    ],
+)
+def test_bad_choices_are_refused_when_the_config_loads(tmp_path, capsys, algo, override, message):
+    argv = ["run", algo, override, "--env", "pendulum", "--runs-dir", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "a refused config leaves no run folder"
+
+
+def test_pets_and_dyna_share_one_ensemble_config():
+    from mbrl.algorithms import mbpo, pets
+    from mbrl.algorithms.factory import EnsembleConfig
+
+    p, m = pets.Config().model, mbpo.Config().model
+    assert type(p) is EnsembleConfig and type(m) is EnsembleConfig
+    assert (p.ensemble_size, p.num_layers, p.propagation, p.learns_reward) == (
+        5,
+        3,
+        "ts_inf",
+        False,
+    )
+    assert (m.ensemble_size, m.num_elites, m.propagation, m.learns_reward) == (7, 5, "ts1", True)

@@ -1,4 +1,8 @@
-"""What the algorithms share at the edges: planner configs, devices, progress, summaries."""
+"""What the algorithms share at the edges: devices, progress bars, summaries.
+
+The config sections and their builders (ensemble, planner, learner) are in
+:mod:`mbrl.algorithms.factory`; ``PlannerConfig`` stays importable from here.
+"""
 
 from __future__ import annotations
 
@@ -9,57 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from mbrl.planners import CEM, RandomShooting
-from mbrl.planners.base import Planner
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class PlannerConfig:
-    """A sampling planner: random shooting, CEM, or CEM with the iCEM improvements."""
-
-    name: str = "cem"
-    """cem, icem (CEM with colored noise, kept and shifted elites) or random."""
-    population: int = 500
-    """Candidates N per iteration."""
-    elite_fraction: float = 0.1
-    """Share of the population refitted to (CEM)."""
-    iterations: int = 5
-    """Refits per plan (CEM)."""
-    alpha: float = 0.1
-    """Smoothing: new = alpha * old + (1 - alpha) * elite statistics (CEM)."""
-    noise_beta: float = 2.0
-    """Colored-noise exponent of iCEM (0 is white noise); used by icem only."""
-    keep_elites_fraction: float = 0.3
-    """Share of elites carried to the next iteration (icem only)."""
-    population_decay: float = 1.25
-    """iCEM's population shrink factor per iteration (icem only)."""
-
-
-def make_planner(cfg: PlannerConfig) -> Planner:
-    """The planner a :class:`PlannerConfig` describes."""
-    if cfg.name == "random":
-        return RandomShooting(population=cfg.population)
-    if cfg.name == "cem":
-        return CEM(
-            population=cfg.population,
-            elite_fraction=cfg.elite_fraction,
-            iterations=cfg.iterations,
-            alpha=cfg.alpha,
-        )
-    if cfg.name == "icem":
-        return CEM(
-            population=cfg.population,
-            elite_fraction=cfg.elite_fraction,
-            iterations=cfg.iterations,
-            alpha=cfg.alpha,
-            noise_beta=cfg.noise_beta,
-            keep_elites_fraction=cfg.keep_elites_fraction,
-            shift_elites=True,
-            population_decay=cfg.population_decay,
-        )
-    raise ValueError(f"unknown planner {cfg.name!r}; valid names: cem, icem, random")
+from mbrl.algorithms.factory import PlannerConfig  # noqa: F401  (importable from here too)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -10,10 +10,11 @@ and no target policy smoothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from mbrl import dyna
 from mbrl.algorithms.common import Summary
-from mbrl.dyna import DynaConfig, LearnerConfig
+from mbrl.algorithms.dyna import DynaConfig, train_model_free
+from mbrl.algorithms.factory import LearnerConfig
 from mbrl.runs import Run
 
 
@@ -21,10 +22,13 @@ from mbrl.runs import Run
 class Config(DynaConfig):
     """DDPG. The defaults are a short Pendulum run."""
 
+    label: ClassVar[str] = "DDPG"
+    learners: ClassVar[tuple[str, ...]] = ("ddpg",)
+
     learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="ddpg"))
     """The learner: DDPG's networks and exploration noise."""
 
 
 def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     """Run (or resume) DDPG as configured, logging to ``run``."""
-    return dyna.train(cfg, run, device, use="none", label="DDPG", learners=("ddpg",))
+    return train_model_free(cfg, run, device)

@@ -21,15 +21,16 @@ have.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from mbrl import envs
-from mbrl.algorithms.common import PlannerConfig, Summary, make_planner, resolve_device
+from mbrl.algorithms.common import Summary, resolve_device
+from mbrl.algorithms.factory import PlannerConfig, make_planner
 from mbrl.algorithms.mpc_loop import MPCRunConfig, train_mpc
 from mbrl.dynamics.base import FitReport
 from mbrl.dynamics.gp import GaussianProcessModel
-from mbrl.planners.base import Planner
 from mbrl.runs import Run
 
 
@@ -37,7 +38,7 @@ from mbrl.runs import Run
 class GPConfig:
     """The Gaussian-process model (:class:`mbrl.dynamics.gp.GaussianProcessModel`)."""
 
-    kernel: str = "rbf"
+    kernel: Literal["rbf", "matern"] = "rbf"
     """rbf (ARD squared exponential) or matern (ARD Matern 5/2)."""
     max_exact_points: int = 2000
     """Largest number of transitions fitted by the exact GP; SGPR above."""
@@ -45,7 +46,7 @@ class GPConfig:
     """Inducing points of the sparse GP (k-means initialised)."""
     iterations: int = 100
     """Marginal-likelihood optimiser iterations per fit."""
-    optimizer: str = "adam"
+    optimizer: Literal["adam", "lbfgs"] = "adam"
     """adam or lbfgs."""
     lr: float = 0.1
     """Optimiser step size."""
@@ -53,16 +54,8 @@ class GPConfig:
     """Held-out share for a validation NLL per iteration (0: none, all data used)."""
     love_rank: int = 100
     """Rank of the LOVE predictive-variance cache of the exact GP."""
-    propagation: str = "expectation"
+    propagation: Literal["expectation", "sample"] = "expectation"
     """expectation (GP mean, no sampling) or sample (one Gaussian draw per particle and step)."""
-
-
-@dataclass
-class ILQRConfig:
-    """iLQR on the GP mean dynamics (used when ``planner_kind=ilqr``)."""
-
-    max_iterations: int = 20
-    """iLQR iterations per plan."""
 
 
 @dataclass
@@ -79,13 +72,12 @@ class Config(MPCRunConfig):
     random_episodes: int = 1
     horizon: int = 20
     buffer_capacity: int = 100_000
-    planner_kind: str = "sampling"
-    """sampling (the planner section: cem, icem or random) or ilqr (on the GP mean)."""
     model: GPConfig = field(default_factory=GPConfig)
     planner: PlannerConfig = field(
         default_factory=lambda: PlannerConfig(population=200, iterations=3)
     )
-    ilqr: ILQRConfig = field(default_factory=ILQRConfig)
+    """The planner: cem (default), icem, random, mppi, or ilqr on the GP mean
+    (``planner.max_iterations``)."""
 
 
 def build_model(cfg: Config, spec: envs.EnvSpec, device: torch.device) -> GaussianProcessModel:
@@ -107,17 +99,6 @@ def build_model(cfg: Config, spec: envs.EnvSpec, device: torch.device) -> Gaussi
     )
 
 
-def build_planner(cfg: Config) -> Planner:
-    """The sampling planner of ``cfg.planner``, or iLQR when ``planner_kind=ilqr``."""
-    if cfg.planner_kind == "sampling":
-        return make_planner(cfg.planner)
-    if cfg.planner_kind == "ilqr":
-        from mbrl.planners.ilqr import ILQR
-
-        return ILQR(max_iterations=cfg.ilqr.max_iterations)
-    raise ValueError(f"unknown planner_kind {cfg.planner_kind!r}; valid: sampling, ilqr")
-
-
 def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     """Run (or resume) GP-MPC as configured, logging to ``run``; returns the summary."""
     dev = resolve_device(device)
@@ -130,9 +111,9 @@ def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
         run,
         cfg,
         model,
-        build_planner(cfg),
+        make_planner(cfg.planner),
         label="GP-MPC",
-        fit=lambda data, generator: model.fit(data, generator=generator),
+        fit_generator="run",
         fit_metrics=gp_metrics,
         extra_columns=("sparse", "jitter"),
         device=dev,

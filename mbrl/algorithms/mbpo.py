@@ -1,32 +1,32 @@
 """MBPO: model-based policy optimization (Janner et al. 2019, Algorithm 2).
 
-    collect start_steps transitions with uniform random actions into the env buffer D_env
-    for each env step:
-        every model.train_every steps: train the ensemble on D_env (7 members, 5 elites),
-            then branch rollout_batch_size k-step rollouts from real states of D_env under the
-            current policy into the model buffer D_model (k from the linear epoch schedule;
-            D_model keeps the rollouts of the last retain_epochs epochs)
-        act with the SAC policy in the env, add the transition to D_env
-        G times: update SAC on a batch of real_ratio real and 1 - real_ratio model transitions
-    each epoch: evaluate the deterministic policy, log, checkpoint
-
 The per-env settings of the paper's Appendix C are in ``experiments/mbpo_*.yaml``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from mbrl import dyna
 from mbrl.algorithms.common import Summary
-from mbrl.dyna import BranchConfig, LearnerConfig, ModelBasedConfig
+from mbrl.algorithms.dyna import BranchConfig, BranchingConfig, DynaRun
+from mbrl.algorithms.factory import LearnerConfig, make_ensemble
+from mbrl.imagination import (
+    ModelBuffer,
+    branched_rollout,
+    mixed_batch,
+    model_buffer_capacity,
+    schedule,
+)
 from mbrl.runs import Run
 
 
 @dataclass
-class Config(ModelBasedConfig):
+class Config(BranchingConfig):
     """MBPO. The defaults are the InvertedPendulum settings (epochs of 250 steps, k = 1,
     G = 10), run for 5,000 env steps."""
+
+    label: ClassVar[str] = "MBPO"
 
     env: str = "inverted-pendulum"
     """Registry name of the env (``mbrl envs`` lists them)."""
@@ -45,5 +45,57 @@ class Config(ModelBasedConfig):
 
 
 def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
-    """Run (or resume) MBPO as configured, logging to ``run``."""
-    return dyna.train(cfg, run, device, use="branch", label="MBPO")
+    """Run (or resume) MBPO as configured, logging to ``run``::
+
+        collect start_steps transitions with uniform random actions into D_env
+        for each env step:
+            take an action in the env with pi; add the transition to D_env
+            every model.train_every steps: train the ensemble p_theta on D_env
+            every branch.rollout_every steps (default: after each fit), for rollout_batch_size
+                states s_t sampled from D_env: perform a k-step model rollout from s_t with pi
+                and add it to D_model (k from the epoch schedule; D_model keeps retain_epochs
+                epochs of rollouts)
+            G times: update pi on a batch of real_ratio D_env and 1 - real_ratio D_model
+        each epoch: evaluate the deterministic policy, log, checkpoint
+
+    With ``branch.stop_after`` set, nothing is fitted, branched or mixed in after that step.
+    """
+    d = DynaRun(cfg, run, device)
+    b, x_dim, u_dim = cfg.branch, d.spec.obs_dim, d.spec.act_dim
+    model = make_ensemble(cfg.model, d.spec, d.device, cfg.seed + 1, d.hidden)  # p_theta
+    model_buffer = ModelBuffer(x_dim, u_dim, 1, d.device)  # D_model
+    problem = d.problem(model, b.max_length)
+    policy = d.imagined_actions(b.policy)
+    d.resume(model=model, model_buffer=model_buffer)
+    with d.running():
+        while d.env_steps < cfg.total_steps:
+            d.act_in_env()
+            s = schedule(
+                d.env_steps, cfg.start_steps, cfg.epoch_length, cfg.model.train_every,
+                cfg.rollout_every, b.lengths, b.stop_after,
+            )  # fmt: skip
+            if s.fit:
+                d.fit(model)
+            if s.branch:
+                with d.watch("rollout"):
+                    size = model_buffer_capacity(
+                        b.rollout_batch_size, s.k, cfg.epoch_length, cfg.rollout_every,
+                        b.retain_epochs,
+                    )  # fmt: skip
+                    model_buffer.resize(size)
+                    starts = d.buffer.sample(b.rollout_batch_size, d.gen).obs  # [B, X]
+                    model_buffer.add(branched_rollout(problem, policy, starts, s.k).transitions)
+                d.rollout_length = s.k
+            if not s.imagining:
+                d.rollout_length = 0
+            if s.update:
+                imagined = model_buffer if s.imagining else None
+                with d.watch("update"):
+                    for _ in range(cfg.updates_per_step):
+                        batch = mixed_batch(
+                            d.buffer, imagined, cfg.learner.batch_size, b.real_ratio, d.gen
+                        )
+                        d.record(d.learner.update(batch))
+            if d.epoch_done:
+                d.end_epoch(model_buffer=len(model_buffer))
+    return d.summary()

@@ -15,26 +15,23 @@ episode ``i`` of a run resets its env with a seed derived from the run seed and 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from mbrl import envs
+from mbrl.algorithms import loop
 from mbrl.algorithms.common import Summary, progress_bar, resolve_device
 from mbrl.buffer import ReplayBuffer
 from mbrl.control import MPCController, RandomPolicy, run_episode
-from mbrl.dynamics.base import FitReport, Transitions
+from mbrl.dynamics.base import DynamicsModel, FitReport
 from mbrl.planners import PlanningProblem
 from mbrl.planners.base import Planner
-from mbrl.plots import learning_curve
-from mbrl.runs import Run, numpy_rng_state, set_numpy_rng_state
-
-FitFn = Callable[[Transitions, torch.Generator], FitReport]
-"""``fit(data, generator) -> FitReport``: one (re)fit of the model on all real data."""
+from mbrl.runs import Run
 
 FitMetrics = Callable[[FitReport], Mapping[str, float]]
 """Extra metric columns of a model after a fit (say, the GP's jitter)."""
@@ -70,11 +67,11 @@ class MPCRunConfig:
 def train_mpc(
     run: Run,
     cfg: MPCRunConfig,
-    model: torch.nn.Module,
+    model: DynamicsModel,
     planner: Planner,
     *,
     label: str,
-    fit: FitFn | None = None,
+    fit_generator: Literal["model", "run"] = "model",
     fit_metrics: FitMetrics | None = None,
     extra_columns: Sequence[str] = (),
     device: torch.device | str = "cpu",
@@ -83,52 +80,47 @@ def train_mpc(
 
     Args:
         cfg: the run's loop settings (env, seed, trials, random data, horizon, particles, ...).
-        model: any dynamics model that is an ``nn.Module`` (its ``state_dict`` is checkpointed).
+        model: any dynamics model with ``state_dict``/``load_state_dict`` (checkpointed once
+            fitted), fitted by ``model.fit(data, generator)``.
         planner: any planner; it plans on ``model`` through one :class:`PlanningProblem`.
         label: the algorithm's name in logs and plots.
-        fit: how to fit the model (default ``model.fit(data)``).
+        fit_generator: which generator draws the fit's splits and initialisations: the
+            model's own (``"model"``: ``generator=None``) or the run's, shared with the
+            planner (``"run"``).
         fit_metrics, extra_columns: extra per-trial metrics and their column names.
     """
     dev = resolve_device(device)
     spec = envs.make(cfg.env)
     seed, trials = cfg.seed, cfg.trials
     env = spec.make()
-    fit = fit if fit is not None else (lambda data, gen: model.fit(data))
     buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, cfg.buffer_capacity, device=dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
     rng = np.random.default_rng(seed)
+    fit_gen = gen if fit_generator == "run" else None
     low, high = spec.action_bounds(dev)
     problem = PlanningProblem(
         model, spec.reward_fn, spec.termination_fn, cfg.horizon, low, high, cfg.particles, gen
     )
     controller = MPCController(planner, problem, cfg.replan_every, dev)
+    generators = {"planning": gen}
 
-    trial, episodes, wall, returns, streak = 0, 0, 0.0, [], 0
-    state = run.load_checkpoint()
-    if state is not None:
-        if state["model"]:
-            model.load_state_dict(state["model"])
-        buffer.load_state_dict(state["buffer"])
-        gen.set_state(state["torch_rng"])
-        set_numpy_rng_state(rng, state["numpy_rng"])
-        trial, episodes, wall = state["trial"], state["episodes"], state["wall_seconds"]
-        returns, streak = list(state["returns"]), state["streak"]
-        tqdm.write(f"resumed {run.path} after trial {trial} ({len(buffer)} transitions)")
+    resumed = loop.resume(run, {"buffer": buffer, "model": model}, generators, rng)
+    c = resumed if resumed is not None else loop.Counters()
+    trial, episodes, returns, streak = c.trial, c.episodes, list(c.returns), c.streak
+    watch = loop.Stopwatch((), c.wall_seconds)
+    if resumed is not None:
+        loop.resumed_message(run, f"after trial {trial}", len(buffer))
 
     def checkpoint() -> None:
-        run.save_checkpoint(
-            {
-                "model": model.state_dict() if trial > 0 else {},  # fitted models only
-                "buffer": buffer.state_dict(),
-                "torch_rng": gen.get_state(),
-                "numpy_rng": numpy_rng_state(rng),
-                "trial": trial,
-                "episodes": episodes,
-                "wall_seconds": wall,
-                "returns": returns,
-                "streak": streak,
-            }
+        parts = {"buffer": buffer, **({"model": model} if trial > 0 else {})}  # fitted only
+        counters = loop.Counters(
+            episodes=episodes,
+            trial=trial,
+            streak=streak,
+            wall_seconds=watch.wall_seconds,
+            returns=tuple(returns),
         )
+        loop.save(run, loop.checkpoint_of(counters, parts, generators, rng))
 
     def log(ep, report: FitReport | None, plan_seconds: float, nonfinite: int) -> None:
         extra = dict(fit_metrics(report)) if report is not None and fit_metrics else {}
@@ -142,7 +134,7 @@ def train_mpc(
             fit_seconds=report.seconds if report else 0.0,
             plan_seconds_per_step=plan_seconds,
             nonfinite=nonfinite,
-            wall_seconds=wall,
+            wall_seconds=watch.wall_seconds,
             **{c: extra.get(c, "") for c in extra_columns},
         )
 
@@ -152,19 +144,19 @@ def train_mpc(
     if trial == 0 and more_random():
         random_policy = RandomPolicy(spec.action_low, spec.action_high, rng)
         while more_random():
-            start = time.perf_counter()
+            watch.start()
             ep = run_episode(env, random_policy, seed=episode_seed(seed, episodes))
             buffer.add_episode(ep)
             episodes += 1
-            wall += time.perf_counter() - start
+            watch.lap()
             log(ep, None, 0.0, 0)
         tqdm.write(f"random actions: {episodes} episodes, {len(buffer)} transitions")
         checkpoint()
 
     stop = cfg.stop_when_solved
     while trial < trials and not (stop and streak >= stop):
-        start = time.perf_counter()
-        report = fit(buffer.all(), gen)
+        watch.start()
+        report = model.fit(buffer.all(), fit_gen)
         controller.reset_stats()
         with progress_bar(spec.max_episode_steps, f"trial {trial + 1}/{trials}") as bar:
             ep = run_episode(
@@ -176,7 +168,7 @@ def train_mpc(
         buffer.add_episode(ep)
         trial += 1
         episodes += 1
-        wall += time.perf_counter() - start
+        watch.lap()
         returns.append(ep.ret)
         solved = spec.solved_return is not None and ep.ret >= spec.solved_return
         streak = streak + 1 if solved else 0
@@ -193,13 +185,8 @@ def train_mpc(
         )
         checkpoint()
 
-    learning_curve(
-        [(f"{label} seed {seed}", run.metrics_path)],
-        run.path / "learning_curve.png",
-        title=f"{label} on {spec.name}",
-        target=spec.solved_return,
-    )
-    return Summary.from_returns(returns, spec.solved_return, wall)
+    counters = loop.Counters(wall_seconds=watch.wall_seconds, returns=tuple(returns))
+    return loop.finish(run, label, seed, spec.name, spec.solved_return, counters, unit="trial")
 
 
 def episode_seed(seed: int, episode: int) -> int:

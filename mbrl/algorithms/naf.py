@@ -9,10 +9,11 @@ each epoch: evaluate the greedy policy mu, log, checkpoint
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from mbrl import dyna
 from mbrl.algorithms.common import Summary
-from mbrl.dyna import DynaConfig, LearnerConfig
+from mbrl.algorithms.dyna import DynaConfig, train_model_free
+from mbrl.algorithms.factory import LearnerConfig
 from mbrl.runs import Run
 
 
@@ -20,10 +21,13 @@ from mbrl.runs import Run
 class Config(DynaConfig):
     """NAF. The defaults are a short Pendulum run."""
 
+    label: ClassVar[str] = "NAF"
+    learners: ClassVar[tuple[str, ...]] = ("naf",)
+
     learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="naf", lr=1e-3))
     """The learner: NAF's network, discount, Polyak rate and exploration noise."""
 
 
 def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     """Run (or resume) NAF as configured, logging to ``run``."""
-    return dyna.train(cfg, run, device, use="none", label="NAF", learners=("naf",))
+    return train_model_free(cfg, run, device)

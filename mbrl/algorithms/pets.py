@@ -14,43 +14,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from mbrl import envs
-from mbrl.algorithms.common import DTYPES, PlannerConfig, Summary, make_planner, resolve_device
+from mbrl.algorithms.common import Summary, resolve_device
+from mbrl.algorithms.factory import EnsembleConfig, PlannerConfig, make_ensemble, make_planner
 from mbrl.algorithms.mpc_loop import MPCRunConfig, train_mpc
-from mbrl.dynamics.ensemble import ProbabilisticEnsemble
 from mbrl.runs import Run
 
 
-@dataclass
-class EnsembleConfig:
-    """The probabilistic ensemble (PETS section 4.1)."""
-
-    ensemble_size: int = 5
-    """E, Gaussian MLPs trained together."""
-    hidden_size: int = 200
-    """Units per hidden layer."""
-    num_layers: int = 3
-    """Hidden layers per member."""
-    num_elites: int | None = None
-    """Members used for prediction, chosen by validation loss (None: all)."""
-    lr: float = 1e-3
-    """Adam learning rate."""
-    weight_decay: float = 5e-5
-    """L2 penalty on the weights."""
-    batch_size: int = 32
-    """Minibatch size per member."""
-    max_epochs: int = 50
-    """Epoch budget of one fit."""
-    patience: int = 5
-    """Epochs without held-out improvement before early stopping."""
-    val_fraction: float = 0.1
-    """Share of the data held out for validation and elite selection."""
-    propagation: str = "ts_inf"
-    """Particle propagation: ts1, ts_inf or expectation."""
-    planning_dtype: str = "float32"
-    """Dtype of the MLP during planning rollouts: float32 or bfloat16."""
+def pets_ensemble() -> EnsembleConfig:
+    """PETS's ensemble (section 4.1): 5 members of 3 x 200 units, all used, TS-inf particles,
+    the env's reward."""
+    return EnsembleConfig(
+        ensemble_size=5,
+        num_elites=None,
+        num_layers=3,
+        weight_decay=5e-5,
+        batch_size=32,
+        val_fraction=0.1,
+        learns_reward=False,
+        propagation="ts_inf",
+    )
 
 
 @dataclass
@@ -69,37 +52,17 @@ class Config(MPCRunConfig):
     """Leave the env's position features (``EnvSpec.position_obs``: HalfCheetah's and Hopper's
     x) out of the model inputs, as PETS's own HalfCheetah observation does; their change is
     still predicted, so the reward can score forward progress."""
-    model: EnsembleConfig = field(default_factory=EnsembleConfig)
+    model: EnsembleConfig = field(default_factory=pets_ensemble)
+    """The ensemble (``model.train_every`` is not read: PETS refits once per trial)."""
     planner: PlannerConfig = field(
         default_factory=lambda: PlannerConfig(population=200, iterations=3)
-    )
-
-
-def build_model(cfg: Config, spec: envs.EnvSpec, device: torch.device) -> ProbabilisticEnsemble:
-    m = cfg.model
-    return ProbabilisticEnsemble(
-        spec.obs_dim,
-        spec.act_dim,
-        ensemble_size=m.ensemble_size,
-        hidden_size=m.hidden_size,
-        num_layers=m.num_layers,
-        num_elites=m.num_elites,
-        lr=m.lr,
-        weight_decay=m.weight_decay,
-        batch_size=m.batch_size,
-        max_epochs=m.max_epochs,
-        patience=m.patience,
-        val_fraction=m.val_fraction,
-        propagation=m.propagation,
-        planning_dtype=DTYPES[m.planning_dtype],
-        device=device,
-        seed=cfg.seed,
-        ignored_obs=spec.position_obs if cfg.ignore_positions else (),
     )
 
 
 def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     """Run (or resume) PETS as configured, logging to ``run``; returns the summary."""
     dev = resolve_device(device)
-    model = build_model(cfg, envs.make(cfg.env), dev)
+    spec = envs.make(cfg.env)
+    hidden = spec.position_obs if cfg.ignore_positions else ()
+    model = make_ensemble(cfg.model, spec, dev, cfg.seed, hidden)
     return train_mpc(run, cfg, model, make_planner(cfg.planner), label="PETS", device=dev)

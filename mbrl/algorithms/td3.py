@@ -10,10 +10,11 @@ each epoch: evaluate the deterministic policy, log, checkpoint
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from mbrl import dyna
 from mbrl.algorithms.common import Summary
-from mbrl.dyna import DynaConfig, LearnerConfig
+from mbrl.algorithms.dyna import DynaConfig, train_model_free
+from mbrl.algorithms.factory import LearnerConfig
 from mbrl.runs import Run
 
 
@@ -21,10 +22,13 @@ from mbrl.runs import Run
 class Config(DynaConfig):
     """TD3. The defaults are a short Pendulum run."""
 
+    label: ClassVar[str] = "TD3"
+    learners: ClassVar[tuple[str, ...]] = ("td3",)
+
     learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="td3"))
     """The learner: TD3's networks, delay, smoothing and exploration noise."""
 
 
 def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     """Run (or resume) TD3 as configured, logging to ``run``."""
-    return dyna.train(cfg, run, device, use="none", label="TD3", learners=("td3",))
+    return train_model_free(cfg, run, device)
