@@ -102,8 +102,9 @@ def _envs() -> int:
     width = max(len(n) for n in envs.names())
     for name in envs.names():
         spec = envs.make(name)
+        actions = f"A={spec.num_actions}" if spec.discrete else "box"
         print(
-            f"{name:<{width}}  X={spec.obs_dim:<3} U={spec.act_dim:<2} "
+            f"{name:<{width}}  X={spec.obs_dim:<3} U={spec.act_dim:<2} {actions:<5} "
             f"T={spec.max_episode_steps:<5} {spec.description}"
         )
     return 0

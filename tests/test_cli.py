@@ -18,3 +18,13 @@ def test_study_control_writes_table_and_plots(tmp_path, capsys):
 def test_study_unknown_system_lists_valid_ones(capsys):
     assert cli.main(["study", "control", "--system", "pendulm"]) == 2
     assert "unknown system 'pendulm'; valid names: pendulum" in capsys.readouterr().err
+
+
+def test_envs_lists_discrete_action_counts(capsys):
+    """`mbrl envs` shows the number of actions of a discrete task and "box" for the others."""
+    from mbrl.cli import main
+
+    assert main(["envs"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert " A=2 " in lines["CartPole-v1"] and " A=3 " in lines["Acrobot-v1"]
+    assert " box " in lines["pendulum"]
