@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mbrl import envs
 from mbrl.algorithms import loop
 from mbrl.algorithms.common import Summary, progress_bar, resolve_device
-from mbrl.algorithms.factory import EnsembleConfig, LearnerConfig, make_learner
+from mbrl.algorithms.factory import EnsembleConfig, LearnerConfig, make_ensemble, make_learner
 from mbrl.buffer import ReplayBuffer
 from mbrl.config import ConfigError
 from mbrl.control.mpc import run_episode
@@ -30,8 +30,13 @@ from mbrl.dynamics.base import DynamicsModel
 from mbrl.imagination import (
     ActFn,
     ImaginedPolicy,
+    ModelBuffer,
     NonFiniteModelError,
     RolloutLengths,
+    branched_rollout,
+    mixed_batch,
+    model_buffer_capacity,
+    schedule,
     uniform_actions,
 )
 from mbrl.learners import Learner
@@ -472,4 +477,51 @@ def train_model_free(cfg: DynaConfig, run: Run, device: str | torch.device = "cp
                         d.record(d.learner.update(batch))
             if d.epoch_done:
                 d.end_epoch()
+    return d.summary()
+
+
+def train_branching(cfg: BranchingConfig, run: Run, device: str | torch.device = "cpu") -> Summary:
+    """The loop MBPO and MBA share (see their ``train`` docstrings for the algorithm boxes):
+    real env steps into D_env, the ensemble fitted on it, branched rollouts of ``k`` model
+    steps from real states into the model buffer, and ``G`` learner updates a step on batches
+    mixing the two; MBA's imagination rollouts are MBPO's branched rollouts with NAF as the
+    learner."""
+    d = DynaRun(cfg, run, device)
+    b, x_dim, u_dim = cfg.branch, d.spec.obs_dim, d.spec.act_dim
+    model = make_ensemble(cfg.model, d.spec, d.device, cfg.seed + 1, d.hidden)
+    model_buffer = ModelBuffer(x_dim, u_dim, 1, d.device)  # D_model
+    problem = d.problem(model, b.max_length)
+    policy = d.imagined_actions(b.policy)
+    d.resume(model=model, model_buffer=model_buffer)
+    with d.running():
+        while d.env_steps < cfg.total_steps:
+            d.act_in_env()
+            s = schedule(
+                d.env_steps, cfg.start_steps, cfg.epoch_length, cfg.model.train_every,
+                cfg.rollout_every, b.lengths, b.stop_after,
+            )  # fmt: skip
+            if s.fit:
+                d.fit(model)
+            if s.branch:
+                with d.watch("rollout"):
+                    size = model_buffer_capacity(
+                        b.rollout_batch_size, s.k, cfg.epoch_length, cfg.rollout_every,
+                        b.retain_epochs,
+                    )  # fmt: skip
+                    model_buffer.resize(size)
+                    starts = d.buffer.sample(b.rollout_batch_size, d.gen).obs  # [B, X]
+                    model_buffer.add(branched_rollout(problem, policy, starts, s.k).transitions)
+                d.rollout_length = s.k
+            if not s.imagining:
+                d.rollout_length = 0
+            if s.update:
+                imagined = model_buffer if s.imagining else None
+                with d.watch("update"):
+                    for _ in range(cfg.updates_per_step):
+                        batch = mixed_batch(
+                            d.buffer, imagined, cfg.learner.batch_size, b.real_ratio, d.gen
+                        )
+                        d.record(d.learner.update(batch))
+            if d.epoch_done:
+                d.end_epoch(model_buffer=len(model_buffer))
     return d.summary()

@@ -20,15 +20,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from mbrl.algorithms.common import Summary
-from mbrl.algorithms.dyna import BranchConfig, BranchingConfig, DynaRun
-from mbrl.algorithms.factory import LearnerConfig, make_ensemble
-from mbrl.imagination import (
-    ModelBuffer,
-    branched_rollout,
-    mixed_batch,
-    model_buffer_capacity,
-    schedule,
-)
+from mbrl.algorithms.dyna import BranchConfig, BranchingConfig, train_branching
+from mbrl.algorithms.factory import LearnerConfig
 from mbrl.runs import Run
 
 
@@ -66,42 +59,4 @@ def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
             (all of R after branch.stop_after env steps, when that is set)
     each epoch: evaluate the greedy policy, log, checkpoint
     """
-    d = DynaRun(cfg, run, device)
-    b, x_dim, u_dim = cfg.branch, d.spec.obs_dim, d.spec.act_dim
-    model = make_ensemble(cfg.model, d.spec, d.device, cfg.seed + 1, d.hidden)
-    imagination = ModelBuffer(x_dim, u_dim, 1, d.device)  # R_f
-    problem = d.problem(model, b.max_length)
-    policy = d.imagined_actions(b.policy)
-    d.resume(model=model, model_buffer=imagination)
-    with d.running():
-        while d.env_steps < cfg.total_steps:
-            d.act_in_env()
-            s = schedule(
-                d.env_steps, cfg.start_steps, cfg.epoch_length, cfg.model.train_every,
-                cfg.rollout_every, b.lengths, b.stop_after,
-            )  # fmt: skip
-            if s.fit:
-                d.fit(model)
-            if s.branch:
-                with d.watch("rollout"):
-                    size = model_buffer_capacity(
-                        b.rollout_batch_size, s.k, cfg.epoch_length, cfg.rollout_every,
-                        b.retain_epochs,
-                    )  # fmt: skip
-                    imagination.resize(size)
-                    starts = d.buffer.sample(b.rollout_batch_size, d.gen).obs  # [B, X]
-                    imagination.add(branched_rollout(problem, policy, starts, s.k).transitions)
-                d.rollout_length = s.k
-            if not s.imagining:
-                d.rollout_length = 0
-            if s.update:
-                imagined = imagination if s.imagining else None
-                with d.watch("update"):
-                    for _ in range(cfg.updates_per_step):
-                        batch = mixed_batch(
-                            d.buffer, imagined, cfg.learner.batch_size, b.real_ratio, d.gen
-                        )
-                        d.record(d.learner.update(batch))
-            if d.epoch_done:
-                d.end_epoch(model_buffer=len(imagination))
-    return d.summary()
+    return train_branching(cfg, run, device)

@@ -9,15 +9,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from mbrl.algorithms.common import Summary
-from mbrl.algorithms.dyna import BranchConfig, BranchingConfig, DynaRun
-from mbrl.algorithms.factory import LearnerConfig, make_ensemble
-from mbrl.imagination import (
-    ModelBuffer,
-    branched_rollout,
-    mixed_batch,
-    model_buffer_capacity,
-    schedule,
-)
+from mbrl.algorithms.dyna import BranchConfig, BranchingConfig, train_branching
+from mbrl.algorithms.factory import LearnerConfig
 from mbrl.runs import Run
 
 
@@ -60,42 +53,4 @@ def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
 
     With ``branch.stop_after`` set, nothing is fitted, branched or mixed in after that step.
     """
-    d = DynaRun(cfg, run, device)
-    b, x_dim, u_dim = cfg.branch, d.spec.obs_dim, d.spec.act_dim
-    model = make_ensemble(cfg.model, d.spec, d.device, cfg.seed + 1, d.hidden)  # p_theta
-    model_buffer = ModelBuffer(x_dim, u_dim, 1, d.device)  # D_model
-    problem = d.problem(model, b.max_length)
-    policy = d.imagined_actions(b.policy)
-    d.resume(model=model, model_buffer=model_buffer)
-    with d.running():
-        while d.env_steps < cfg.total_steps:
-            d.act_in_env()
-            s = schedule(
-                d.env_steps, cfg.start_steps, cfg.epoch_length, cfg.model.train_every,
-                cfg.rollout_every, b.lengths, b.stop_after,
-            )  # fmt: skip
-            if s.fit:
-                d.fit(model)
-            if s.branch:
-                with d.watch("rollout"):
-                    size = model_buffer_capacity(
-                        b.rollout_batch_size, s.k, cfg.epoch_length, cfg.rollout_every,
-                        b.retain_epochs,
-                    )  # fmt: skip
-                    model_buffer.resize(size)
-                    starts = d.buffer.sample(b.rollout_batch_size, d.gen).obs  # [B, X]
-                    model_buffer.add(branched_rollout(problem, policy, starts, s.k).transitions)
-                d.rollout_length = s.k
-            if not s.imagining:
-                d.rollout_length = 0
-            if s.update:
-                imagined = model_buffer if s.imagining else None
-                with d.watch("update"):
-                    for _ in range(cfg.updates_per_step):
-                        batch = mixed_batch(
-                            d.buffer, imagined, cfg.learner.batch_size, b.real_ratio, d.gen
-                        )
-                        d.record(d.learner.update(batch))
-            if d.epoch_done:
-                d.end_epoch(model_buffer=len(model_buffer))
-    return d.summary()
+    return train_branching(cfg, run, device)
