@@ -6,6 +6,11 @@ A model is fitted on :class:`~mbrl.data.Transitions` (re-exported here) and retu
 (candidate-major: particle ``p`` of start ``b`` at row ``b * P + p``), and
 :meth:`DynamicsModel.rollout_step` advances every particle by one sampled step.
 :meth:`DynamicsModel.predict` gives the one-step predictive distribution.
+Every model checks the shapes crossing these methods once per call (a tuple comparison,
+:func:`mbrl.shapes.check_shape`) and raises :class:`~mbrl.shapes.ShapeError` with the expected
+and the actual shape; a fit refuses non-finite data (``ValueError``, :func:`check_transitions`)
+and raises :class:`FitError` when its loss becomes non-finite, never keeping old weights
+silently.
 Optional capabilities are their own runtime-checkable protocols, tested with ``isinstance``:
 :class:`DifferentiableModel` (autograd-able mean dynamics), :class:`Linearizable` (Jacobians,
 optionally time-indexed), :class:`CasadiModel` (a symbolic twin for NMPC) and :class:`Filter`
@@ -15,11 +20,88 @@ optionally time-indexed), :class:`CasadiModel` (a symbolic twin for NMPC) and :c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from mbrl.data import Transitions  # re-exported: the data layer lives in mbrl.data
+from mbrl.shapes import check_shape
+
+
+class FitError(RuntimeError):
+    """A fit went numerically wrong: its training or validation loss became NaN or inf.
+
+    The message names the epoch (or iteration), the loss value and the constructor arguments
+    that drive the fit (learning rate, weight decay, ...). The model is left as the failing
+    step made it (weights and optimizer state may be non-finite): build a fresh model or load a
+    checkpoint before using it again.
+    """
+
+
+def check_rows(
+    obs: torch.Tensor,
+    act: torch.Tensor,
+    obs_dim: int,
+    act_dim: int,
+    obs_name: str = "obs",
+    act_name: str = "act",
+) -> None:
+    """Raise :class:`~mbrl.shapes.ShapeError` unless ``obs`` is ``[B, X]`` and ``act`` is
+    ``[B, U]`` with the same ``B``: the check of ``predict``, ``mean_dynamics``, ``linearize``
+    and ``rollout_step`` (where ``obs`` is ``state.obs [B * P, X]``). Two shape-tuple
+    comparisons when the shapes are right."""
+    if obs.ndim == 2 and obs.shape[1] == obs_dim and act.shape == (obs.shape[0], act_dim):
+        return
+    check_shape(obs_name, obs, ("B", obs_dim))
+    check_shape(act_name, act, (obs.shape[0], act_dim))
+
+
+def check_start(obs: torch.Tensor, particles: int, obs_dim: int) -> None:
+    """The check of ``rollout_start``: ``obs [B, X]`` (else :class:`~mbrl.shapes.ShapeError`)
+    and ``particles`` an int >= 1 (else ``ValueError``)."""
+    check_shape("obs", obs, ("B", obs_dim))
+    if isinstance(particles, bool) or not isinstance(particles, Integral) or particles < 1:
+        raise ValueError(f"particles must be an int >= 1, got {particles!r}")
+
+
+def check_transitions(
+    data: Transitions,
+    obs_dim: int,
+    act_dim: int,
+    finite: tuple[str, ...] = ("obs", "act", "next_obs", "reward"),
+) -> int:
+    """Check ``data`` at a model's :meth:`~DynamicsModel.fit` and return its ``B`` rows.
+
+    ``obs [B, X]``, ``act [B, U]``, ``next_obs [B, X]``, ``reward [B]``; the fields named in
+    ``finite`` must hold no NaN or inf.
+
+    Raises:
+        TypeError: ``data`` is not :class:`~mbrl.data.Transitions`.
+        ShapeError: a field of the wrong shape (expected and actual shape in the message).
+        ValueError: NaN/inf entries, naming the field, how many rows and which columns hold
+            them, and the fix.
+    """
+    if not isinstance(data, Transitions):
+        raise TypeError(f"fit expects Transitions, got {type(data).__name__}")
+    n = data.obs.shape[0] if data.obs.ndim else 0
+    check_shape("data.obs", data.obs, ("B", obs_dim))
+    check_shape("data.act", data.act, (n, act_dim))
+    check_shape("data.next_obs", data.next_obs, (n, obs_dim))
+    check_shape("data.reward", data.reward, (n,))
+    for name in finite:
+        t = getattr(data, name)
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            bad = bad.reshape(n, -1)
+            rows = int(bad.any(dim=1).sum())
+            cols = torch.nonzero(bad.any(dim=0)).flatten().tolist()
+            where = f" (columns {cols})" if t.ndim > 1 else ""
+            raise ValueError(
+                f"data.{name} contains NaN/inf in {rows} of {n} rows{where}; remove those "
+                "transitions (e.g. a diverged episode) before fit"
+            )
+    return n
 
 
 @dataclass(frozen=True)

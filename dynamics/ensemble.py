@@ -30,8 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbrl.dynamics.base import FitReport, Prediction, RolloutState, Transitions
-from mbrl.shapes import check_shape, feature_indices
+from mbrl.dynamics.base import (
+    FitError,
+    FitReport,
+    Prediction,
+    RolloutState,
+    Transitions,
+    check_rows,
+    check_start,
+    check_transitions,
+)
+from mbrl.shapes import ShapeError, feature_indices
 
 PROPAGATIONS = ("ts1", "ts_inf", "expectation")
 ACTIVATIONS = ("silu", "relu", "tanh", "elu")
@@ -190,6 +199,7 @@ class ProbabilisticEnsemble(nn.Module):
         self.val_metric = val_metric
         self.bootstrap = bootstrap
         self.activation = activation
+        self.weight_decay = tuple(decays)  # [num_layers + 1] per-layer decays, input layer first
         self.in_dim = obs_dim + act_dim
         self.ignored_obs = feature_indices("ignored_obs", ignored_obs, obs_dim)
         self.out_dim = obs_dim + int(learns_reward)  # D
@@ -331,8 +341,13 @@ class ProbabilisticEnsemble(nn.Module):
         over members of the NLL per target dim (``0.5 * (err^2 / var + log var)``, no constant);
         ``val_loss`` is the member mean of ``val_metric``.
 
-        Raises ``ValueError`` for non-finite data, wrong shapes, or a training split smaller
-        than ``batch_size``.
+        Raises:
+            ValueError: non-finite data, or a training split smaller than ``batch_size``.
+            ShapeError: a field of ``data`` of the wrong shape.
+            FitError: the training loss of an epoch (or the validation loss) is NaN or inf,
+                e.g. from too large a learning rate; the message names the epoch, the loss and
+                ``lr`` / ``weight_decay`` / ``batch_size``. The weights are left as the failing
+                epoch made them (nothing is silently restored).
         """
         start = time.perf_counter()
         inputs, targets = self._fit_tensors(data)  # [B, X + U], [B, D]
@@ -383,12 +398,16 @@ class ProbabilisticEnsemble(nn.Module):
                 self.optimizer.step()
                 total += nll.detach().mean()
             train_hist.append(float(total) / n_batches)
+            if not math.isfinite(train_hist[-1]):
+                raise self._fit_error("training", train_hist[-1], epoch)
 
             if n_val == 0:
                 best_epoch = epoch
                 continue
             member_loss = self._member_loss(x_val, y_val)  # [E]
             val = float(member_loss.mean())
+            if not math.isfinite(val):
+                raise self._fit_error("validation", val, epoch)
             val_hist.append(val)
             if val < best:
                 best, best_epoch, stale = val, epoch, 0
@@ -401,6 +420,8 @@ class ProbabilisticEnsemble(nn.Module):
 
         if n_val == 0:
             best_member_loss = self._member_loss(x_train, y_train)
+            if not bool(torch.isfinite(best_member_loss).all()):
+                raise self._fit_error("training", float(best_member_loss.mean()), best_epoch)
         else:
             self._restore(best_state)
         elites = torch.argsort(best_member_loss.cpu(), stable=True)[: self.num_elites]
@@ -416,22 +437,18 @@ class ProbabilisticEnsemble(nn.Module):
             seconds=time.perf_counter() - start,
         )
 
+    def _fit_error(self, which: str, value: float, epoch: int) -> FitError:
+        decays = set(self.weight_decay)
+        decay = f"{decays.pop():g}" if len(decays) == 1 else str(list(self.weight_decay))
+        lr = self.optimizer.param_groups[0]["lr"]
+        return FitError(
+            f"ProbabilisticEnsemble.fit: {which} loss {value} at epoch {epoch} with lr={lr:g}, "
+            f"weight_decay={decay}, batch_size={self.batch_size}; lower lr (and check the "
+            "data for extreme values)"
+        )
+
     def _fit_tensors(self, data: Transitions) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(data, Transitions):
-            raise TypeError(f"fit expects Transitions, got {type(data).__name__}")
-        n = data.obs.shape[0] if data.obs.ndim else 0
-        check_shape("data.obs", data.obs, ("B", self.obs_dim))
-        check_shape("data.act", data.act, (n, self.act_dim))
-        check_shape("data.next_obs", data.next_obs, (n, self.obs_dim))
-        check_shape("data.reward", data.reward, (n,))
-        for name in ("obs", "act", "next_obs", "reward"):
-            t = getattr(data, name)
-            bad = ~torch.isfinite(t)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"data.{name} has {int(bad.sum())} NaN/inf entries; remove those "
-                    "transitions (e.g. a diverged episode) before fitting"
-                )
+        check_transitions(data, self.obs_dim, self.act_dim)
         dev = self.device
         obs = data.obs.to(dev, torch.float32)
         inputs = torch.cat((obs, data.act.to(dev, torch.float32)), dim=-1)  # [B, X + U]
@@ -477,8 +494,7 @@ class ProbabilisticEnsemble(nn.Module):
 
         ``members`` (long ``[E']``) picks members; ``None`` gives all ``E``. Differentiable.
         """
-        check_shape("obs", obs, ("B", self.obs_dim))
-        check_shape("act", act, (obs.shape[0], self.act_dim))
+        check_rows(obs, act, self.obs_dim, self.act_dim)
         x = self._normalize_inputs(obs, act)  # [B, X + U]
         if members is None:
             weights, biases = list(self.weights), list(self.biases)
@@ -528,9 +544,7 @@ class ProbabilisticEnsemble(nn.Module):
         last rollout. With ``"ts_inf"``, particle ``p`` follows elite ``elites[p % E_el]`` for
         the whole rollout, which needs ``P`` divisible by ``E_el``.
         """
-        check_shape("obs", obs, ("B", self.obs_dim))
-        if particles < 1:
-            raise ValueError(f"particles must be >= 1, got {particles}")
+        check_start(obs, particles, self.obs_dim)
         if self._propagation == "ts_inf" and particles % self.num_elites:
             raise ValueError(
                 f"propagation 'ts_inf' gives particle p elite p % E, so particles (P={particles}) "
@@ -553,7 +567,12 @@ class ProbabilisticEnsemble(nn.Module):
         weights (elites, dtype) current at the last :meth:`rollout_start` or :meth:`fit`. The
         reward is the sampled (or mean) reward when ``learns_reward``. ``"ts_inf"`` assumes the
         rows came from :meth:`rollout_start` (``R`` a multiple of ``E_el``).
+
+        Raises:
+            ShapeError: ``state.obs`` is not ``[R, X]``, ``act`` not ``[R, U]``, or (``"ts_inf"``)
+                ``R`` is not a multiple of ``E_el``.
         """
+        check_rows(state.obs, act, self.obs_dim, self.act_dim, "state.obs")
         return self._step(state.obs, act, generator)
 
     @torch.no_grad()
@@ -637,6 +656,11 @@ class ProbabilisticEnsemble(nn.Module):
         self, obs: torch.Tensor, act: torch.Tensor, generator: torch.Generator | None
     ) -> RolloutState:
         e = self.num_elites
+        if obs.shape[0] % e:
+            raise ShapeError(
+                f"state.obs: expected [R, {self.obs_dim}] with R a multiple of E={e} (the rows "
+                f"of rollout_start) for propagation 'ts_inf', got {list(obs.shape)}"
+            )
         obs_me = obs.view(-1, e, self.obs_dim)  # [M, E, X]: row r uses elite r % E
         act_me = act.view(-1, e, self.act_dim).transpose(0, 1)  # [E, M, U]
         mean, logvar = self._mlp(obs_me.transpose(0, 1), act_me)

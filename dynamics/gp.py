@@ -55,11 +55,19 @@ import torch
 from gpytorch.constraints import GreaterThan, Interval
 from gpytorch.priors import GammaPrior
 from linear_operator import to_dense, to_linear_operator
-from linear_operator.utils.errors import NotPSDError
+from linear_operator.utils.errors import NanError, NotPSDError
 from linear_operator.utils.warnings import NumericalWarning
 
-from mbrl.dynamics.base import FitReport, Prediction, RolloutState, Transitions
-from mbrl.shapes import check_shape
+from mbrl.dynamics.base import (
+    FitError,
+    FitReport,
+    Prediction,
+    RolloutState,
+    Transitions,
+    check_rows,
+    check_start,
+    check_transitions,
+)
 
 MIN_POINTS = 8
 """Fewest transitions :meth:`GaussianProcessModel.fit` accepts (after a validation split)."""
@@ -220,8 +228,11 @@ class GaussianProcessModel:
         only (the held-out transitions are not added back after the fit).
 
         Raises:
-            ValueError: fewer than :data:`MIN_POINTS` transitions, wrong shapes or non-finite
-                values.
+            ValueError: fewer than :data:`MIN_POINTS` transitions, or non-finite values.
+            ShapeError: a field of ``data`` of the wrong shape.
+            FitError: the training loss (or the validation NLL) of an iteration is NaN or inf,
+                e.g. from too large a learning rate; the message names the iteration, the loss
+                and ``lr`` / ``optimizer``. Nothing is silently kept or restored.
             NotPSDError: a Cholesky factorisation failed even with jitter ``0.1``.
         """
         start = time.perf_counter()
@@ -290,18 +301,16 @@ class GaussianProcessModel:
         )
 
     def _check_data(self, data: Transitions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_shape("data.obs", data.obs, ("B", self.obs_dim))
-        check_shape("data.act", data.act, (data.obs.shape[0], self.act_dim))
-        check_shape("data.next_obs", data.next_obs, (data.obs.shape[0], self.obs_dim))
-        out = []
-        for name, t in (("obs", data.obs), ("act", data.act), ("next_obs", data.next_obs)):
-            t = t.to(self.device, torch.float32)
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(
-                    f"data.{name} contains NaN or inf values; remove those transitions before fit"
-                )
-            out.append(t)
-        return out[0], out[1], out[2]
+        check_transitions(data, self.obs_dim, self.act_dim, finite=("obs", "act", "next_obs"))
+        return tuple(t.to(self.device, torch.float32) for t in (data.obs, data.act, data.next_obs))
+
+    def _fit_error(self, which: str, value: float, iteration: int) -> FitError:
+        fix = "lower lr" + (" or use optimizer='adam'" if self.optimizer == "lbfgs" else "")
+        return FitError(
+            f"GaussianProcessModel.fit: {which} {value} at iteration {iteration} with "
+            f"lr={self.lr:g}, optimizer={self.optimizer!r}, noise_floor={self.noise_floor:g}; "
+            f"{fix}"
+        )
 
     def _optimize(
         self,
@@ -350,6 +359,8 @@ class GaussianProcessModel:
                                 opt.step()
                         used_jitter = max([used_jitter] + _jitters(caught))
                         break
+                    except NanError:  # the hyperparameters went NaN in an earlier step
+                        raise self._fit_error("loss", math.nan, it) from None
                     except NotPSDError:
                         jitter *= 10.0
                         used_jitter = jitter
@@ -360,10 +371,7 @@ class GaussianProcessModel:
                             ) from None
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"GP fit: marginal likelihood became {value} at iteration {it}; "
-                        "reduce lr or use optimizer='adam'"
-                    )
+                    raise self._fit_error("loss", value, it)
                 train_loss.append(value)
                 if xv.shape[0] > 0:
                     with torch.no_grad():
@@ -372,6 +380,8 @@ class GaussianProcessModel:
                         mean, var = _predict_normalized(cache, xv, self._kern)
                         nll = 0.5 * (torch.log(2 * math.pi * var) + (yv - mean) ** 2 / var)
                         v = float(nll.mean())
+                    if not math.isfinite(v):
+                        raise self._fit_error("validation NLL", v, it)
                     gp.train()
                     likelihood.train()
                     val_loss.append(v)
@@ -476,13 +486,14 @@ class GaussianProcessModel:
     def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:
         """One-step predictive ``N(mean, var)`` of the next observation, ``[B, X]`` each; the
         variance is latent (epistemic) plus noise (aleatoric), per output."""
-        check_shape("obs", obs, ("B", self.obs_dim))
-        check_shape("act", act, (obs.shape[0], self.act_dim))
+        check_rows(obs, act, self.obs_dim, self.act_dim)
         mean, var = self._delta(obs, act)
         return Prediction(mean=mean, var=var)  # type: ignore[arg-type]
 
     def mean_dynamics(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """Predictive mean ``[B, X]`` of the next observation; differentiable in both inputs."""
+        """Predictive mean ``[B, X]`` of the next observation for ``obs [B, X]``, ``act [B, U]``;
+        differentiable in both inputs."""
+        check_rows(obs, act, self.obs_dim, self.act_dim)
         return self._delta(obs, act, with_var=False)[0]
 
     def rollout_start(
@@ -490,14 +501,16 @@ class GaussianProcessModel:
     ) -> RolloutState:
         """``B * P`` particles, particle ``p`` of start ``b`` at row ``b * P + p``."""
         self._require_fit()
-        check_shape("obs", obs, ("B", self.obs_dim))
+        check_start(obs, particles, self.obs_dim)
         return RolloutState(obs=obs.repeat_interleave(particles, dim=0))
 
     def rollout_step(
         self, state: RolloutState, act: torch.Tensor, generator: torch.Generator | None = None
     ) -> RolloutState:
         """Next particles ``[B * P, X]``: a draw from the per-output Gaussian predictive
-        (``propagation="sample"``, using ``generator`` or the model's own) or its mean."""
+        (``propagation="sample"``, using ``generator`` or the model's own) or its mean, under
+        ``act [B * P, U]``; :class:`~mbrl.shapes.ShapeError` for other shapes."""
+        check_rows(state.obs, act, self.obs_dim, self.act_dim, "state.obs")
         if not self._sample:
             return RolloutState(obs=self._delta(state.obs, act, with_var=False)[0])
         mean, var = self._delta(state.obs, act)

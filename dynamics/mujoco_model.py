@@ -42,7 +42,15 @@ import numpy as np
 import torch
 from mujoco import rollout as mj_rollout
 
-from mbrl.dynamics.base import FitReport, Prediction, RolloutState, Transitions
+from mbrl.dynamics.base import (
+    FitReport,
+    Prediction,
+    RolloutState,
+    Transitions,
+    check_rows,
+    check_start,
+    check_transitions,
+)
 from mbrl.shapes import check_shape
 
 if TYPE_CHECKING:
@@ -288,8 +296,7 @@ class MujocoModel:
 
         Output dtype and device follow ``obs``; computed in float64.
         """
-        check_shape("obs", obs, ("B", self.obs_dim))
-        check_shape("act", act, (obs.shape[0], self.act_dim))
+        check_rows(obs, act, self.obs_dim, self.act_dim)
         x = obs.detach().cpu().double().numpy()
         u = act.detach().cpu().double().numpy()[:, None]
         nxt = self._obs(self._simulate(self._states(x), u)[:, 0])
@@ -314,7 +321,8 @@ class MujocoModel:
 
     # ------------------------------------------------------------------ model seam
     def fit(self, data: Transitions, generator: torch.Generator | None = None) -> FitReport:
-        """Nothing to learn: the simulator is the truth."""
+        """Nothing to learn: the simulator is the truth (the shapes of ``data`` are checked)."""
+        check_transitions(data, self.obs_dim, self.act_dim, finite=())
         return FitReport((), (), 0, 0, (0,), 0.0)
 
     def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:
@@ -328,7 +336,7 @@ class MujocoModel:
         """``B * P`` copies of the starts (all particles of a start follow one path); the full
         float64 simulator state rides along in ``hidden [B * P, nstate]`` so that a rollout
         never loses precision between steps."""
-        check_shape("obs", obs, ("B", self.obs_dim))
+        check_start(obs, particles, self.obs_dim)
         rows = obs.repeat_interleave(particles, dim=0)  # [B * P, X]
         state = self._states(rows.detach().cpu().double().numpy())
         return RolloutState(obs=rows, hidden=torch.from_numpy(state))
@@ -336,8 +344,11 @@ class MujocoModel:
     def rollout_step(
         self, state: RolloutState, act: torch.Tensor, generator: torch.Generator | None = None
     ) -> RolloutState:
-        """Advance every row one control step under ``act [B * P, U]`` (one native rollout)."""
-        check_shape("act", act, (state.obs.shape[0], self.act_dim))
+        """Advance every row one control step under ``act [B * P, U]`` (one native rollout);
+        ``state.obs [B * P, X]`` and, when set, ``state.hidden [B * P, nstate]``."""
+        check_rows(state.obs, act, self.obs_dim, self.act_dim, "state.obs")
+        if state.hidden is not None:
+            check_shape("state.hidden", state.hidden, (state.obs.shape[0], self.nstate))
         if state.hidden is None:
             full = self._states(state.obs.detach().cpu().double().numpy())
         else:
@@ -365,8 +376,7 @@ class MujocoModel:
 
         Requires ``nq == nv`` (hinge and slide joints: the tangent space is qpos itself).
         """
-        check_shape("x", x, ("B", self.obs_dim))
-        check_shape("u", u, (x.shape[0], self.act_dim))
+        check_rows(x, u, self.obs_dim, self.act_dim, "x", "u")
         if self.nq != self.nv:
             raise NotImplementedError(
                 f"{self.env_name} has nq={self.nq} != nv={self.nv} (ball or free joints); "

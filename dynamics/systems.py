@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from mbrl.dynamics.base import check_rows
 from mbrl.dynamics.known import KnownModel
 
 
@@ -74,6 +75,7 @@ class SystemModel(KnownModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``A [B, X, X]``, ``B [B, X, U]`` at rows ``x [B, X]``, ``u [B, U]`` by casadi AD
         (``x``'s dtype and device); ``t`` is ignored (time-invariant)."""
+        check_rows(x, u, self.obs_dim, self.act_dim, "x", "u")
         return self.system.linearize(x, u)
 
     def step_casadi(self, x: Any, u: Any) -> Any:

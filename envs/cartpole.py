@@ -3,7 +3,8 @@
 ``CartpoleBalanceEnv``: the classic cart-pole (Barto, Sutton & Anderson 1983; gymnasium's
 CartPole-v1 equations: Euler, tau 0.02 s) with a continuous action ``a in [-1, 1]`` giving a
 force ``10 a`` N, as in mbrl-lib's ``cartpole_continuous``. Reward 1 per step including the
-step that terminates; terminated when ``|x| > 2.4`` m or ``|theta| > 12`` degrees.
+step that terminates; terminated when ``|x| > 2.4`` m or ``|theta| > 12`` degrees, or when the
+state is not finite (a NaN action played on the raw env: never scored as alive).
 
 ``CartpoleSwingupEnv``: a MuJoCo cart-pole (``assets/cartpole.xml``) whose 0.6 m pole starts
 hanging down; PETS reward ``exp(-|ee - (0, 0.6)|^2 / 0.6^2) - 0.01 |a|^2`` with ``ee`` the pole
@@ -81,7 +82,8 @@ class CartpoleBalanceEnv(gym.Env):
             ]
         )
         x, theta = self.state[0], self.state[2]
-        terminated = bool(abs(x) > X_THRESHOLD or abs(theta) > THETA_THRESHOLD)
+        outside = abs(x) > X_THRESHOLD or abs(theta) > THETA_THRESHOLD
+        terminated = bool(outside or not np.isfinite(self.state).all())
         if not terminated:
             reward = 1.0
         elif self._steps_beyond_terminated is None:
@@ -102,7 +104,10 @@ class CartpoleBalanceEnv(gym.Env):
 
 
 def cartpole_balance_termination(next_obs: torch.Tensor) -> torch.Tensor:
-    """``|x| > 2.4`` or ``|theta| > 12 deg`` (NaN terminates too): ``[..., 4] -> bool [...]``."""
+    """``|x| > 2.4`` or ``|theta| > 12 deg`` (NaN there too): ``[..., 4] -> bool [...]``.
+
+    The registry's spec wraps it (:class:`~mbrl.envs.spec.NonfiniteTerminates`) so that, as in
+    the env, a NaN or inf anywhere in the state terminates."""
     x, theta = next_obs[..., 0], next_obs[..., 2]
     inside = (
         (x >= -X_THRESHOLD)

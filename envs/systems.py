@@ -459,8 +459,9 @@ class SystemEnv(gym.Env):
     """A gymnasium env stepping an :class:`AnalyticSystem` in float64 torch.
 
     Observation: the state ``[X]`` (float32); action clipped to the bounds; reward
-    ``-cost(state, action)``; never terminates (the ``TimeLimit`` wrapper of
-    :meth:`AnalyticSystem.spec` truncates).
+    ``-cost(state, action)``; terminates only when the state becomes NaN or inf (as the spec's
+    :func:`~mbrl.envs.spec.never_terminates`); the ``TimeLimit`` wrapper of
+    :meth:`AnalyticSystem.spec` truncates.
     """
 
     metadata = {"render_modes": []}
@@ -491,7 +492,8 @@ class SystemEnv(gym.Env):
         u = torch.as_tensor(a, dtype=torch.float64).unsqueeze(0)  # [1, U]
         reward = -float(self.system.cost(x, u)[0])
         self.state = self.system.step(x, u)[0].numpy()
-        return self.state.astype(np.float32), reward, False, False, {}
+        terminated = not bool(np.isfinite(self.state).all())
+        return self.state.astype(np.float32), reward, terminated, False, {}
 
 
 # ---------------------------------------------------------------- the systems
