@@ -7,14 +7,30 @@ Configs stop here: what these functions return are library objects built from pl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from mbrl import envs
+from mbrl.config import (
+    ConfigError,
+    Count,
+    Finite,
+    Fraction,
+    NonNegative,
+    Positive,
+    ProperFraction,
+    Range,
+    UnitInterval,
+    to_dict,
+)
+from mbrl.dynamics import FitError
 from mbrl.dynamics.ensemble import ProbabilisticEnsemble
+from mbrl.envs.registry import known
 from mbrl.learners import NAF, SAC, TD3, Learner
 from mbrl.planners import CEM, ILQR, MPPI, RandomShooting
 from mbrl.planners.base import Planner
@@ -31,26 +47,28 @@ class EnsembleConfig:
     """The probabilistic ensemble (PETS section 4.1; MBPO Appendix C). The defaults are
     MBPO's: 7 members, 5 elites, 4 x 200 units; PETS's own are in its config."""
 
-    ensemble_size: int = 7
+    ensemble_size: Count = 7
     """E, Gaussian MLPs trained together on bootstrap resamples."""
-    num_elites: int | None = 5
-    """Members used for prediction and rollouts, chosen by held-out loss (None: all)."""
-    hidden_size: int = 200
+    num_elites: Count | None = 5
+    """Members used for prediction and rollouts, chosen by held-out loss (None: all); at most
+    ensemble_size."""
+    hidden_size: Count = 200
     """Units per hidden layer."""
-    num_layers: int = 4
+    num_layers: Count = 4
     """Hidden layers per member."""
-    lr: float = 1e-3
+    lr: Positive = 1e-3
     """Adam learning rate."""
-    weight_decay: float | None = None
+    weight_decay: NonNegative | None = None
     """L2 decay; None is the PETS per-layer schedule 2.5e-5 ... 1e-4."""
-    batch_size: int = 256
+    batch_size: Count = 256
     """Rows per member per optimizer step."""
-    max_epochs: int = 50
+    max_epochs: Count = 50
     """Epoch budget of one fit."""
-    patience: int = 5
+    patience: Count = 5
     """Epochs without held-out improvement before early stopping."""
-    val_fraction: float = 0.2
-    """Share of the data held out for early stopping and elites."""
+    val_fraction: ProperFraction = 0.2
+    """Share of the data held out for early stopping and elites (0: none; elites by training
+    loss)."""
     learns_reward: bool = True
     """Learn the reward too (MBPO); False scores imagined steps with the env's reward_fn."""
     propagation: Propagation = "ts1"
@@ -59,8 +77,22 @@ class EnsembleConfig:
     ``expectation`` takes the mean over elites (a deterministic model; MVE's targets)."""
     planning_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the MLP during rollouts."""
-    train_every: int = 250
+    train_every: Annotated[int, Range(1, fix="refit the model every n >= 1 env steps")] = 250
     """Dyna runs: refit the model every this many env steps (MPC runs refit once per trial)."""
+
+    def check(self, key: str) -> None:
+        """Raise :class:`~mbrl.config.ConfigError` if the fields disagree; ``key`` is this
+        section's name in its config (``model``)."""
+        if self.num_elites is not None and self.num_elites > self.ensemble_size:
+            raise ConfigError(
+                f"{key}.num_elites={self.num_elites} exceeds {key}.ensemble_size="
+                f"{self.ensemble_size}; lower it, or set it to null to use every member"
+            )
+
+    @property
+    def elites(self) -> int:
+        """Members used for prediction and rollouts (``num_elites``, else all)."""
+        return self.ensemble_size if self.num_elites is None else self.num_elites
 
 
 @dataclass
@@ -70,25 +102,25 @@ class PlannerConfig:
     name: PlannerName = "cem"
     """random, cem, icem (CEM with colored noise, kept and shifted elites), mppi or ilqr (on
     the model's mean dynamics)."""
-    population: int = 500
+    population: Count = 500
     """Candidates N per iteration (sampling planners)."""
-    elite_fraction: float = 0.1
-    """Share of the population refitted to (cem, icem)."""
-    iterations: int = 5
+    elite_fraction: UnitInterval = 0.1
+    """Share of the population refitted to (cem, icem; at least one elite)."""
+    iterations: Count = 5
     """Refits (cem, icem) or updates (mppi) per plan."""
-    alpha: float = 0.1
+    alpha: ProperFraction = 0.1
     """Smoothing: new = alpha * old + (1 - alpha) * elite statistics (cem, icem)."""
-    noise_beta: float = 2.0
-    """Colored-noise exponent of iCEM (0 is white noise); used by icem only."""
-    keep_elites_fraction: float = 0.3
+    noise_beta: NonNegative = 2.0
+    """Colored-noise exponent of the samples (0 is white noise); used by icem and mppi."""
+    keep_elites_fraction: Fraction = 0.3
     """Share of elites carried to the next iteration (icem only)."""
-    population_decay: float = 1.25
-    """iCEM's population shrink factor per iteration (icem only)."""
-    temperature: float = 1.0
+    population_decay: Annotated[float, Range(1.0)] = 1.25
+    """iCEM's population shrink factor per iteration, >= 1 (icem only)."""
+    temperature: Positive = 1.0
     """Softmax temperature lambda of the weights (mppi)."""
-    noise_std: float = 0.5
+    noise_std: Positive = 0.5
     """Exploration std in action units (mppi)."""
-    max_iterations: int = 20
+    max_iterations: Count = 20
     """Most iterations per plan (ilqr; it stops earlier once converged)."""
 
 
@@ -98,37 +130,69 @@ class LearnerConfig:
 
     name: LearnerName = "sac"
     """sac, td3, ddpg or naf."""
-    hidden_size: int = 256
+    hidden_size: Count = 256
     """Units per hidden layer of actor and critics."""
-    num_layers: int = 2
+    num_layers: Count = 2
     """Hidden layers of actor and critics."""
-    gamma: float = 0.99
+    gamma: Fraction = 0.99
     """Discount."""
-    tau: float = 0.005
+    tau: UnitInterval = 0.005
     """Polyak rate of the target networks."""
-    lr: float = 3e-4
+    lr: Positive = 3e-4
     """Adam learning rate (actor, critics, temperature)."""
-    batch_size: int = 256
+    batch_size: Count = 256
     """Transitions per update."""
-    exploration_noise: float = 0.1
+    exploration_noise: NonNegative = 0.1
     """Gaussian exploration std in the unit action box (td3, ddpg, naf)."""
-    policy_delay: int = 2
+    policy_delay: Count = 2
     """Critic updates per actor update (td3)."""
-    target_noise: float = 0.2
+    target_noise: NonNegative = 0.2
     """Target policy smoothing std (td3)."""
-    noise_clip: float = 0.5
+    noise_clip: NonNegative = 0.5
     """Clip of the smoothing noise (td3)."""
-    init_alpha: float = 1.0
+    init_alpha: Positive = 1.0
     """Initial temperature (sac)."""
     learn_alpha: bool = True
     """Tune the temperature to the target entropy (sac)."""
-    target_entropy: float | None = None
+    target_entropy: Finite | None = None
     """Target entropy (sac); None is -U."""
-    diag_floor: float = 0.1
-    """Lower bound of the diagonal of L in P = L L^T (naf); must be > 0."""
-    mu_penalty: float = 0.0
+    diag_floor: Positive = 0.1
+    """Lower bound of the diagonal of L in P = L L^T (naf)."""
+    mu_penalty: NonNegative = 0.0
     """Weight of the squared pre-tanh mu in the loss (naf), against mu locking at the bound
     where tanh is flat; 0 turns it off."""
+
+
+def check_env(name: str) -> None:
+    """Raise :class:`~mbrl.config.ConfigError` unless :func:`mbrl.envs.make` takes ``name`` (a
+    registered name or a well-formed ``gym:ID``), with ``make``'s message (the valid names, or
+    what is wrong with the ``gym:`` name). Cheap for a known name: nothing is built."""
+    if known(name):
+        return
+    try:
+        envs.make(name)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(str(e.args[0]) if e.args else f"unknown env {name!r}") from None
+
+
+@contextmanager
+def config_fit(cfg: object, key: str = "model") -> Iterator[None]:
+    """Around a model fit at an algorithm's edge: a :class:`~mbrl.dynamics.FitError` is raised
+    again as one line in which the library arguments it names that are fields of the config
+    section ``key`` of ``cfg`` become their dotted config keys (``lr=10`` -> ``model.lr=10``),
+    so the message says which config value to change."""
+    try:
+        yield
+    except FitError as e:
+        section = to_dict(cfg).get(key)
+        names = sorted(section, key=len, reverse=True) if isinstance(section, dict) else []
+        message, hits = " ".join(str(e).split()), 0
+        if names:
+            field = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, names)) + r")(?!\w)")
+            message, hits = field.subn(lambda m: f"{key}.{m.group(1)}", message)
+        if not hits:
+            message += f"; the fit's settings are the {key}.* config keys"
+        raise FitError(f"{key} fit diverged: {message}") from e
 
 
 def make_ensemble(

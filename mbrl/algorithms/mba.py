@@ -22,6 +22,7 @@ from typing import ClassVar
 from mbrl.algorithms.common import Summary
 from mbrl.algorithms.dyna import BranchConfig, BranchingConfig, train_branching
 from mbrl.algorithms.factory import LearnerConfig
+from mbrl.config import Count
 from mbrl.runs import Run
 
 
@@ -31,7 +32,7 @@ class Config(BranchingConfig):
 
     label: ClassVar[str] = "MBA"
 
-    updates_per_step: int = 5
+    updates_per_step: Count = 5
     """G, NAF updates per env step (the paper's I)."""
     learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="naf", lr=1e-3))
     """NAF; MBA's learner (td3, ddpg or sac also work here)."""

@@ -11,6 +11,7 @@ from typing import ClassVar
 from mbrl.algorithms.common import Summary
 from mbrl.algorithms.dyna import BranchConfig, BranchingConfig, train_branching
 from mbrl.algorithms.factory import LearnerConfig
+from mbrl.config import Count, Natural
 from mbrl.runs import Run
 
 
@@ -23,13 +24,14 @@ class Config(BranchingConfig):
 
     env: str = "inverted-pendulum"
     """Registry name of the env (``mbrl envs`` lists them)."""
-    total_steps: int = 5_000
+    total_steps: Count = 5_000
     """Env steps of the whole run."""
-    epoch_length: int = 250
+    epoch_length: Count = 250
     """Env steps per epoch: one evaluation, metrics row and checkpoint per epoch."""
-    start_steps: int = 500
-    """Uniform random actions before the learner acts (and before any update)."""
-    updates_per_step: int = 10
+    start_steps: Natural = 500
+    """Uniform random actions before the learner acts (and before any update); fewer than
+    total_steps."""
+    updates_per_step: Count = 10
     """G, SAC updates per env step."""
     learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(name="sac"))
     """SAC (256 x 2 units, lr 3e-4, batch 256, gamma 0.99, tau 5e-3)."""

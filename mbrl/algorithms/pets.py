@@ -18,6 +18,7 @@ from mbrl import envs
 from mbrl.algorithms.common import Summary, resolve_device
 from mbrl.algorithms.factory import EnsembleConfig, PlannerConfig, make_ensemble, make_planner
 from mbrl.algorithms.mpc_loop import MPCRunConfig, train_mpc
+from mbrl.config import ConfigError, Count, Natural
 from mbrl.runs import Run
 
 
@@ -42,12 +43,12 @@ class Config(MPCRunConfig):
 
     Loop fields (env, seed, trials, seed_steps, horizon, particles, ...) are documented on
     :class:`~mbrl.algorithms.mpc_loop.MPCRunConfig`; particles must be a multiple of the
-    elite count for TS-inf.
+    elite count for TS-inf, and 1 for ``model.propagation=expectation``.
     """
 
-    seed_steps: int = 200
-    particles: int = 10
-    stop_when_solved: int = 1
+    seed_steps: Natural = 200
+    particles: Count = 10
+    stop_when_solved: Natural = 1
     ignore_positions: bool = True
     """Leave the env's position features (``EnvSpec.position_obs``: HalfCheetah's and Hopper's
     x) out of the model inputs, as PETS's own HalfCheetah observation does; their change is
@@ -57,6 +58,23 @@ class Config(MPCRunConfig):
     planner: PlannerConfig = field(
         default_factory=lambda: PlannerConfig(population=200, iterations=3)
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        m, p = self.model, self.particles
+        m.check("model")
+        if m.propagation == "ts_inf" and p % m.elites:
+            raise ConfigError(
+                f"particles={p} is not a multiple of the {m.elites} elites (model.num_elites, "
+                "else model.ensemble_size) among which model.propagation=ts_inf shares the "
+                f"particles; use particles={m.elites * max(1, round(p / m.elites))}, or "
+                "model.propagation=ts1"
+            )
+        if m.propagation == "expectation" and p > 1:
+            raise ConfigError(
+                f"particles={p} with model.propagation=expectation rolls out {p} identical mean "
+                "trajectories; set particles=1, or model.propagation=ts1 or ts_inf"
+            )
 
 
 def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
