@@ -2,31 +2,69 @@
 one analytic system, the same cost, horizon and time step, from the same initial states.
 
 Every method is a planner behind :class:`~mbrl.control.mpc.MPCController` (replanning every
-step, warm-started with the shifted plan) on a :class:`~mbrl.planners.base.PlanningProblem` whose
-model is the system's exact torch dynamics and whose reward is minus the system's stage cost
-(plus minus its terminal cost at the horizon, the problem's ``value_fn``). NMPC optimizes the
-casadi twins of the same problem's model and cost. Each episode is a closed-loop rollout of the
-system's gymnasium env (:func:`~mbrl.control.mpc.run_episode`), reset with seed ``seed + k`` for
-initial state ``k``, so all methods start from the same states.
+step, warm-started with the shifted plan; the first plan of an episode has no warm start) on a
+:class:`~mbrl.planners.base.PlanningProblem` whose model is the system's exact torch dynamics
+and whose reward is minus the system's stage cost (plus minus its terminal cost at the horizon,
+the problem's ``value_fn``). NMPC optimizes the casadi twins of the same problem's model and
+cost. Each episode is a closed-loop rollout of the system's gymnasium env
+(:func:`~mbrl.control.mpc.run_episode`), reset with seed ``seed + k`` for initial state ``k``,
+so all methods start from the same states.
 
 Scenarios: ``"swingup"`` starts from the system's nominal start (hanging down for the
 swing-ups) with noise; for the nonlinear systems a ``"stabilize"`` scenario starts near the goal,
 where the infinite-horizon LQR around the goal applies. LQR runs in ``"stabilize"`` and, for the
 linear system, in the one ``"regulate"`` scenario.
 
-Measured per method and scenario: closed-loop cost ``sum_t c(x_t, u_t) + c_T(x_T)`` (mean and
-std over initial states), success rate (the final state satisfies ``system.success``), solve
-time per MPC step (median and 95th percentile over all steps), state-constraint violations of
-the closed loop (steps outside the study's state bounds, which NMPC imposes as constraints and
-the other methods do not know), and plan status counts. Written to ``results.csv`` and
-``results.md``; plots ``trajectories_<scenario>.png`` (states and controls of every method from
-initial state 0) and ``cost_vs_time.png`` (closed-loop cost against median solve time).
+Success (:class:`SuccessCriterion`, written with its numbers in the header of ``results.md``):
+
+1. *settled*: the last ``hold_steps + 1`` states (0.5 s) all lie within the system's
+   ``success_tolerance`` of the goal, elementwise, angles wrapped to ``(-pi, pi]``;
+2. *no extra turn*: every angle, unwrapped along the episode, ends within ``3 pi / 2`` of where
+   it started (a swing-up from hanging may end a half turn either way; a full turn away from
+   the start fails, although it ends upright in wrapped coordinates);
+3. *stays in the basin* (``"stabilize"`` only): every angle stays within ``pi / 2`` of the goal
+   (unwrapped) during the whole episode: the pendulum never drops below horizontal.
+
+An episode that fails names the first rule it breaks (``failure``: ``"settled"``, ``"turn"``,
+``"basin"``).
+
+Measured per method and scenario (one row of ``results.csv`` / ``results.md``): success rate
+and the failures; closed-loop cost ``sum_t c(x_t, u_t) + c_T(x_T)`` (mean and std over initial
+states) and, where LQR ran, its ratio to LQR's mean cost; control effort (RMS of the applied
+action over the episode, in the action's units); settling time (seconds from the start after
+which every state stays within the tolerance of rule 1; the worst over the initial states, inf
+when one never settles); overshoot (the largest excursion of an angle or position past its goal,
+to the side opposite its start, in percent of its initial distance to the goal; entries that
+start within their tolerance are not counted; the worst over the initial states); solve time
+per MPC step (median, 95th percentile and maximum over the warm-started steps, and the worst
+cold first plan, which includes each planner's one-off setup such as NMPC building its NLP)
+against the real-time budget of one step, ``dt``, with the number of warm steps over it;
+state-constraint violations of the closed loop (steps outside the study's state bounds, which
+NMPC imposes as constraints and the other methods do not know); plan status counts. Plots:
+``trajectories_<scenario>.png`` (states and controls of every method from initial state 0
+against time in seconds, axes named with units) and ``cost_vs_time.png`` (closed-loop cost
+against median solve time).
+
+A user's own system: :func:`load_system` takes ``"module:function"`` (``mbrl study control
+--system my_pkg.systems:make_system``), imports the module and calls the function without
+arguments; it must return an :class:`~mbrl.envs.systems.AnalyticSystem`, whose dynamics
+``step_expr(x, u, ops)``, stage cost ``cost_expr(x, u, ops)`` and terminal cost
+``terminal_expr(x, ops)`` are written once over the ``ops`` namespace (``ops.sin``,
+``ops.cos``, ``ops.split``, ``ops.stack``, ``ops.quad``, ...) so that they run both as batched
+torch functions (LQR, iLQR, CEM, random shooting, the env) and as casadi expressions (NMPC),
+with ``dt`` in seconds, ``goal`` (an equilibrium under zero action), ``start`` and
+``start_noise``, the action bounds, ``angle_dims`` and ``success_tolerance`` (see
+:func:`~mbrl.envs.systems.pendulum` for a complete example). Its study defaults: ``H = 40``,
+``T`` its ``max_episode_steps``, ``"stabilize"`` noise twice the smallest success tolerance, no
+state bounds; its states are labelled ``x[i]``.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
+import inspect
 import math
 import time
 from collections import Counter
@@ -41,10 +79,33 @@ import torch
 from mbrl.control.mpc import Episode, MPCController, run_episode
 from mbrl.control.nmpc import NMPC
 from mbrl.dynamics.systems import SystemModel
+from mbrl.envs.systems import SYSTEMS, AnalyticSystem
 from mbrl.planners.base import Plan, Planner, PlanningProblem, WarmStart
+from mbrl.planners.ilqr import ILQR
+from mbrl.planners.lqr import LQR
+from mbrl.planners.sampling import CEM, RandomShooting
 
 METHODS = ("lqr", "ilqr", "cem", "random_shooting", "nmpc")
-SYSTEM_NAMES = ("linear", "pendulum", "cartpole", "acrobot")
+SYSTEM_NAMES = tuple(SYSTEMS)  # "linear" is the double integrator
+PLANNERS: dict[str, type] = {
+    "lqr": LQR,
+    "ilqr": ILQR,
+    "cem": CEM,
+    "random_shooting": RandomShooting,
+    "nmpc": NMPC,
+}
+"""The planner class behind each method; ``--option METHOD.NAME=VALUE`` sets its keyword
+``NAME``."""
+_SET_BY_STUDY = {"lqr": ("goal",), "nmpc": ("horizon",)}
+_DEFAULTS = {
+    "ilqr": {"max_iterations": 50},
+    "cem": {"population": 200, "iterations": 4},
+    "random_shooting": {"population": 500},
+    "nmpc": {"max_iter": 100},
+}
+HOLD_SECONDS = 0.5  # rule 1 holds over the last 0.5 s
+MAX_TURN = 1.5 * math.pi  # rule 2
+BASIN = 0.5 * math.pi  # rule 3
 
 
 @dataclass(frozen=True)
@@ -59,17 +120,58 @@ class StudySetup:
     state_high: np.ndarray | None  # [X]
 
 
-def _setup(name: str) -> StudySetup:
+@dataclass(frozen=True)
+class Labels:
+    """Names and units of a system's states and actions, for tables and plot axes."""
+
+    states: tuple[str, ...]  # [X] e.g. "theta [rad]"
+    actions: tuple[str, ...]  # [U]
+    measured: tuple[int, ...]  # the angles and positions whose overshoot is measured
+
+
+_LABELS = {
+    "pendulum": Labels(("theta [rad]", "theta_dot [rad/s]"), ("torque [N m]",), (0,)),
+    "cartpole": Labels(
+        ("x [m]", "theta [rad]", "x_dot [m/s]", "theta_dot [rad/s]"), ("force [N]",), (0, 1)
+    ),
+    "acrobot": Labels(
+        ("theta1 [rad]", "theta2 [rad]", "theta1_dot [rad/s]", "theta2_dot [rad/s]"),
+        ("elbow torque [N m]",),
+        (0, 1),
+    ),
+    "double_integrator": Labels(("p [m]", "v [m/s]"), ("u [m/s^2]",), (0,)),
+}
+
+
+def labels_of(system: AnalyticSystem) -> Labels:
+    """The study's labels of a built-in system; ``x[i]`` / ``u[j]`` for any other (every state
+    entry measured for overshoot)."""
+    known = _LABELS.get(system.name)
+    if known is not None and len(known.states) == system.obs_dim:
+        return known
+    return Labels(
+        tuple(f"x[{i}]" for i in range(system.obs_dim)),
+        tuple(f"u[{j}]" for j in range(system.act_dim)),
+        tuple(range(system.obs_dim)),
+    )
+
+
+def _setup(system: AnalyticSystem) -> StudySetup:
+    """The built-in defaults for the study's own systems, generic ones for any other."""
     inf = np.inf
-    if name == "linear":
+    builtin = {"double_integrator": 2, "pendulum": 2, "cartpole": 4, "acrobot": 4}
+    if builtin.get(system.name) != system.obs_dim:
+        stabilize = 2.0 * float(np.min(system.success_tolerance))
+        return StudySetup(40, system.max_episode_steps, system.start_noise, stabilize, None, None)
+    if system.name == "double_integrator":
         return StudySetup(20, 50, 0.5, 0.0, np.array([-inf, -0.8]), np.array([inf, 0.8]))
-    if name == "pendulum":  # Pendulum-v1's speed limit as the state constraint
+    if system.name == "pendulum":  # Pendulum-v1's speed limit as the state constraint
         return StudySetup(40, 100, 0.2, 0.3, np.array([-inf, -8.0]), np.array([inf, 8.0]))
-    if name == "cartpole":  # the rail
+    if system.name == "cartpole":  # the rail
         return StudySetup(
             40, 100, 0.1, 0.2, np.array([-2.0, -inf, -inf, -inf]), np.array([2.0, inf, inf, inf])
         )
-    if name == "acrobot":  # Acrobot-v1's velocity limits
+    if system.name == "acrobot":  # Acrobot-v1's velocity limits
         return StudySetup(
             50,
             120,
@@ -78,18 +180,221 @@ def _setup(name: str) -> StudySetup:
             np.array([-inf, -inf, -4 * np.pi, -9 * np.pi]),
             np.array([inf, inf, 4 * np.pi, 9 * np.pi]),
         )
-    raise ValueError(f"unknown system {name!r}; valid: {', '.join(SYSTEM_NAMES)}")
 
 
-def make_system(name: str, start_noise: float = 0.0) -> Any:
+def make_system(name: str, start_noise: float = 0.0) -> AnalyticSystem:
     """The study's system ``name`` (``"linear"`` is the double integrator)."""
-    from mbrl.envs.systems import SYSTEMS, double_integrator
+    from mbrl.envs.systems import double_integrator
 
     if name not in SYSTEM_NAMES:
         raise ValueError(f"unknown system {name!r}; valid: {', '.join(SYSTEM_NAMES)}")
     if name == "linear":
         return dataclasses.replace(double_integrator(), start_noise=start_noise)
     return SYSTEMS[name](start_noise=start_noise)
+
+
+def load_system(text: str) -> str | AnalyticSystem:
+    """A study system from the command line: a built-in name (returned as it is) or
+    ``"module:function"``, imported and called without arguments; the function must return an
+    :class:`~mbrl.envs.systems.AnalyticSystem` (the interface is in the module docstring).
+
+    Raises:
+        ValueError: an unknown name, a module that does not import, a missing or non-callable
+            function, or a result that is not an ``AnalyticSystem`` (the message names it).
+    """
+    if ":" not in text:
+        if text not in SYSTEM_NAMES:
+            raise ValueError(
+                f"unknown system {text!r}; valid names: {', '.join(SYSTEM_NAMES)}, or "
+                "module:function returning an AnalyticSystem (e.g. my_pkg.systems:make_system)"
+            )
+        return text
+    module_name, _, attr = text.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--system {text!r}: expected module:function, e.g. my_pkg.sys:make")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"--system {text!r}: cannot import module {module_name!r} ({e}); is it on "
+            "PYTHONPATH or installed?"
+        ) from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(
+            f"--system {text!r}: module {module_name!r} has no function {attr!r}; define "
+            f"{attr}() returning an AnalyticSystem"
+        )
+    system = factory()
+    if not isinstance(system, AnalyticSystem):
+        raise ValueError(
+            f"--system {text!r}: {attr}() returned {type(system).__name__}, not an "
+            "mbrl.envs.systems.AnalyticSystem; build one with its step_expr, cost_expr and "
+            "terminal_expr (see mbrl.envs.systems.pendulum)"
+        )
+    return system
+
+
+def parse_planner_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["ilqr.max_iterations=50", "cem.population=300"]`` -> ``{"ilqr": {...}, "cem":
+    {...}}``. Values are ints, floats, ``true``/``false``/``null`` or lists in YAML
+    (``[0.5, 0.1]``), else strings. Names are checked by :func:`check_planner_options`.
+
+    Raises:
+        ValueError: an item that is not ``METHOD.NAME=VALUE``.
+    """
+    import yaml
+
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not eq or not dot or not method or not name:
+            raise ValueError(
+                f"planner option {item!r}: expected METHOD.NAME=VALUE, e.g. ilqr.max_iterations=50"
+            )
+        try:
+            value: Any = int(raw)
+        except ValueError:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = yaml.safe_load(raw) if raw else raw
+        options.setdefault(method, {})[name] = value
+    return options
+
+
+def check_planner_options(options: dict[str, dict[str, Any]], methods: Sequence[str]) -> None:
+    """Refuse options for an unknown method, a method not run, or a keyword the planner does
+    not take (or that the study sets itself), naming the valid ones.
+
+    Raises:
+        ValueError: the first bad option.
+    """
+    for method, opts in options.items():
+        if method not in PLANNERS:
+            raise ValueError(
+                f"planner option for unknown method {method!r}; valid: {', '.join(METHODS)}"
+            )
+        if method not in methods:
+            raise ValueError(
+                f"planner option for {method!r}, which is not among the methods run "
+                f"({', '.join(methods)})"
+            )
+        params = inspect.signature(PLANNERS[method]).parameters
+        fixed = _SET_BY_STUDY.get(method, ())
+        valid = [p for p in params if p not in fixed]
+        for name in opts:
+            if name in fixed:
+                raise ValueError(f"planner option {method}.{name} is set by the study")
+            if name not in params:
+                raise ValueError(
+                    f"unknown planner option {method}.{name}; valid for {method}: "
+                    f"{', '.join(valid)}"
+                )
+
+
+@dataclass(frozen=True)
+class SuccessCriterion:
+    """When an episode counts as a success (the rules are in the module docstring)."""
+
+    tolerance: np.ndarray  # [X] rule 1, elementwise, angles wrapped
+    angle_dims: tuple[int, ...]  # the entries rules 2 and 3 look at (unwrapped)
+    hold_steps: int  # rule 1 holds for the last hold_steps + 1 states
+    max_turn: float  # rule 2: |theta_T - theta_0| <= max_turn [rad]
+    basin: float | None  # rule 3: max_t |theta_t - goal| <= basin [rad]; None: not checked
+
+    def judge(self, goal: np.ndarray, obs: np.ndarray) -> str:
+        """The first rule episode ``obs [T + 1, X]`` breaks (``"settled"``, ``"turn"``,
+        ``"basin"``), or ``""`` for a success."""
+        within = _within(goal, obs, self.tolerance, self.angle_dims)  # [T + 1]
+        if not within[-(self.hold_steps + 1) :].all():
+            return "settled"
+        if self.angle_dims:
+            theta = np.unwrap(obs[:, list(self.angle_dims)].astype(np.float64), axis=0)
+            if (np.abs(theta[-1] - theta[0]) > self.max_turn).any():
+                return "turn"
+            if self.basin is not None:
+                if (np.abs(theta - goal[list(self.angle_dims)]) > self.basin).any():
+                    return "basin"
+        return ""
+
+    def text(self, labels: Labels, dt: float) -> str:
+        """The criterion with its numbers, for the results header."""
+        tol = ", ".join(
+            f"|{labels.states[i].split(' ')[0]}| <= {v:g}" for i, v in enumerate(self.tolerance)
+        )
+        angles = ", ".join(labels.states[i].split(" ")[0] for i in self.angle_dims) or "none"
+        out = (
+            f"(1) settled: the last {self.hold_steps + 1} states ({self.hold_steps * dt:g} s) "
+            f"within {tol} of the goal (angles wrapped)"
+        )
+        if self.angle_dims:
+            out += (
+                f"; (2) no extra turn: each angle ({angles}, unwrapped) ends within "
+                f"{self.max_turn:.3g} rad (3 pi / 2) of its start"
+            )
+            if self.basin is not None:
+                out += (
+                    f"; (3) basin: each angle stays within {self.basin:.3g} rad (pi / 2) of the "
+                    "goal during the whole episode"
+                )
+        return out
+
+
+def success_criterion(system: AnalyticSystem, scenario: str) -> SuccessCriterion:
+    """The study's criterion for ``system`` in ``scenario`` (rule 3 only in ``"stabilize"``)."""
+    return SuccessCriterion(
+        tolerance=np.asarray(system.success_tolerance, dtype=np.float64),
+        angle_dims=tuple(system.angle_dims),
+        hold_steps=max(0, int(round(HOLD_SECONDS / system.dt))),
+        max_turn=MAX_TURN,
+        basin=BASIN if scenario == "stabilize" else None,
+    )
+
+
+def _wrapped_error(goal: np.ndarray, obs: np.ndarray, angle_dims: Sequence[int]) -> np.ndarray:
+    d = np.asarray(obs, dtype=np.float64) - goal  # [T + 1, X]
+    if angle_dims:
+        idx = list(angle_dims)
+        d[..., idx] = np.mod(d[..., idx] + np.pi, 2 * np.pi) - np.pi
+    return d
+
+
+def _within(
+    goal: np.ndarray, obs: np.ndarray, tol: np.ndarray, angle_dims: Sequence[int]
+) -> np.ndarray:
+    return np.all(np.abs(_wrapped_error(goal, obs, angle_dims)) <= tol, axis=-1)  # [T + 1]
+
+
+def settling_time(system: AnalyticSystem, obs: np.ndarray) -> float:
+    """Seconds from the start after which every state of ``obs [T + 1, X]`` stays within the
+    success tolerance of the goal (angles wrapped); ``inf`` when the last state is outside."""
+    within = _within(system.goal, obs, system.success_tolerance, system.angle_dims)
+    if not within[-1]:
+        return math.inf
+    outside = np.flatnonzero(~within)
+    return 0.0 if len(outside) == 0 else float((outside[-1] + 1) * system.dt)
+
+
+def overshoot_percent(system: AnalyticSystem, obs: np.ndarray, measured: Sequence[int]) -> float:
+    """The largest excursion past the goal, to the side opposite the start, of the measured
+    entries of ``obs [T + 1, X]``, in percent of their initial distance to the goal; angles
+    are unwrapped and measured from the goal image (goal + 2 pi n) they end nearest. Entries
+    starting within their success tolerance are skipped; ``nan`` when none is left."""
+    x = np.asarray(obs, dtype=np.float64).copy()
+    goal = np.broadcast_to(np.asarray(system.goal, dtype=np.float64), x.shape[1:]).copy()
+    for i in system.angle_dims:
+        x[:, i] = np.unwrap(x[:, i])
+        goal[i] += 2 * np.pi * np.round((x[-1, i] - goal[i]) / (2 * np.pi))
+    worst = math.nan
+    for i in measured:
+        e = x[:, i] - goal[i]
+        if abs(e[0]) <= system.success_tolerance[i]:
+            continue
+        past = max(0.0, float(np.max(-np.sign(e[0]) * e)))
+        worst = max(0.0 if math.isnan(worst) else worst, 100.0 * past / abs(e[0]))
+    return worst
 
 
 @dataclass(frozen=True)
@@ -101,6 +406,10 @@ class EpisodeResult:
     initial_state: int  # k
     cost: float  # sum_t c(x_t, u_t) + c_T(x_T)
     success: bool
+    failure: str  # "" on success, else the first rule broken: "settled", "turn", "basin"
+    settling_s: float  # seconds; inf when it does not settle
+    overshoot_pct: float  # nan when no measured entry starts outside its tolerance
+    u_rms: float  # RMS of the applied action over the episode (all entries)
     solve_seconds: tuple[float, ...]  # [T] wall time of each MPC step's plan
     statuses: tuple[str, ...]  # [T] each plan's status
     violations: int  # closed-loop steps with the state outside the study bounds
@@ -116,11 +425,20 @@ class MethodSummary:
     scenario: str
     method: str
     episodes: int
+    success_rate: float
+    failures: str  # "basin:3"; "" when every episode succeeded
     cost_mean: float
     cost_std: float
-    success_rate: float
-    solve_ms_median: float
+    cost_vs_lqr: float  # cost_mean / LQR's cost_mean in the scenario; nan where LQR did not run
+    u_rms: float  # mean over episodes
+    settling_s: float  # worst over episodes
+    overshoot_pct: float  # worst over episodes (nan: nothing measured)
+    solve_ms_median: float  # warm-started steps
     solve_ms_p95: float
+    solve_ms_max: float
+    cold_ms_max: float  # the first plan of each episode, worst
+    budget_ms: float  # dt: the real-time budget of one step
+    over_budget: int  # warm steps slower than dt, over all episodes
     violations: int  # total over episodes
     max_violation: float
     status_counts: str  # "ok:200 max_iterations:3"
@@ -154,29 +472,23 @@ class _Timed:
         return plan
 
 
-def _planner(method: str, system: Any, horizon: int, setup: StudySetup, options: dict) -> Planner:
-    from mbrl.planners.ilqr import ILQR
-    from mbrl.planners.lqr import LQR
-    from mbrl.planners.sampling import CEM, RandomShooting
-
-    opts = options.get(method, {})
+def _planner(
+    method: str, system: AnalyticSystem, horizon: int, setup: StudySetup, options: dict
+) -> Planner:
+    opts = {**_DEFAULTS.get(method, {}), **options.get(method, {})}
     if method == "lqr":
         return LQR(goal=system.goal, **opts)
-    if method == "ilqr":
-        return ILQR(**{"max_iterations": 50, **opts})
-    if method == "cem":
-        return CEM(**{"population": 200, "iterations": 4, **opts})
-    if method == "random_shooting":
-        return RandomShooting(**{"population": 500, **opts})
     if method == "nmpc":
         bounds = None
         if setup.state_low is not None:
             bounds = (setup.state_low, setup.state_high)
-        return NMPC(horizon, **{"state_bounds": bounds, "max_iter": 100, **opts})
+        return NMPC(horizon, **{"state_bounds": bounds, **opts})
+    if method in PLANNERS:
+        return PLANNERS[method](**opts)
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
-def _problem(system: Any, horizon: int, seed: int) -> PlanningProblem:
+def _problem(system: AnalyticSystem, horizon: int, seed: int) -> PlanningProblem:
     """The system's exact dynamics, its reward (the stage cost, closed form and casadi) and its
     terminal reward as ``value_fn``: every method optimises the same objective."""
     return PlanningProblem(
@@ -191,7 +503,7 @@ def _problem(system: Any, horizon: int, seed: int) -> PlanningProblem:
     )
 
 
-def _closed_loop_cost(system: Any, ep: Episode) -> float:
+def _closed_loop_cost(system: AnalyticSystem, ep: Episode) -> float:
     x = torch.as_tensor(ep.obs, dtype=torch.float64)  # [T + 1, X]
     u = torch.as_tensor(ep.act, dtype=torch.float64)  # [T, U]
     u = u.clamp(torch.as_tensor(system.action_low), torch.as_tensor(system.action_high))
@@ -209,7 +521,7 @@ def _violations(obs: np.ndarray, setup: StudySetup) -> tuple[int, float]:
 
 def run_episode_with(
     method: str,
-    system: Any,
+    system: AnalyticSystem,
     setup: StudySetup,
     scenario: str,
     k: int,
@@ -224,12 +536,18 @@ def run_episode_with(
     env = system.spec().make()
     ep = run_episode(env, controller, seed=seed + k, max_steps=episode_steps)
     violations, worst = _violations(ep.obs, setup)
+    failure = success_criterion(system, scenario).judge(system.goal, ep.obs)
+    act = np.clip(ep.act, system.action_low, system.action_high)
     return EpisodeResult(
         scenario=scenario,
         method=method,
         initial_state=k,
         cost=_closed_loop_cost(system, ep),
-        success=bool(system.success(ep.obs[-1])),
+        success=not failure,
+        failure=failure,
+        settling_s=settling_time(system, ep.obs),
+        overshoot_pct=overshoot_percent(system, ep.obs, labels_of(system).measured),
+        u_rms=float(np.sqrt(np.mean(act.astype(np.float64) ** 2))),
         solve_seconds=tuple(planner.seconds),
         statuses=tuple(planner.statuses),
         violations=violations,
@@ -239,19 +557,38 @@ def run_episode_with(
     )
 
 
-def _summarize(episodes: Sequence[EpisodeResult]) -> MethodSummary:
+def _worst(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite) if finite else math.nan
+
+
+def _summarize(
+    episodes: Sequence[EpisodeResult], dt: float, lqr_cost: float | None
+) -> MethodSummary:
     costs = np.array([e.cost for e in episodes])
-    times = np.concatenate([np.asarray(e.solve_seconds) for e in episodes]) * 1e3
+    warm = [np.asarray(e.solve_seconds[1:]) for e in episodes]
+    times = np.concatenate(warm) * 1e3 if sum(len(w) for w in warm) else np.full(1, np.nan)
+    cold = [1e3 * e.solve_seconds[0] for e in episodes if e.solve_seconds]
     counts = Counter(s for e in episodes for s in e.statuses)
+    failures = Counter(e.failure for e in episodes if e.failure)
     return MethodSummary(
         scenario=episodes[0].scenario,
         method=episodes[0].method,
         episodes=len(episodes),
+        success_rate=float(np.mean([e.success for e in episodes])),
+        failures=" ".join(f"{k}:{v}" for k, v in sorted(failures.items())),
         cost_mean=float(costs.mean()),
         cost_std=float(costs.std()),
-        success_rate=float(np.mean([e.success for e in episodes])),
+        cost_vs_lqr=math.nan if not lqr_cost else float(costs.mean()) / lqr_cost,
+        u_rms=float(np.mean([e.u_rms for e in episodes])),
+        settling_s=max(e.settling_s for e in episodes),
+        overshoot_pct=_worst([e.overshoot_pct for e in episodes]),
         solve_ms_median=float(np.median(times)),
         solve_ms_p95=float(np.percentile(times, 95)),
+        solve_ms_max=float(np.max(times)),
+        cold_ms_max=max(cold, default=math.nan),
+        budget_ms=1e3 * dt,
+        over_budget=int((times > 1e3 * dt).sum()),
         violations=int(sum(e.violations for e in episodes)),
         max_violation=float(max(e.max_violation for e in episodes)),
         status_counts=" ".join(f"{k}:{v}" for k, v in sorted(counts.items())),
@@ -259,7 +596,7 @@ def _summarize(episodes: Sequence[EpisodeResult]) -> MethodSummary:
 
 
 def run_study(
-    system: str,
+    system: str | AnalyticSystem,
     out_dir: Path | str,
     num_initial_states: int = 3,
     horizon: int | None = None,
@@ -274,22 +611,47 @@ def run_study(
 
     Args:
         system: one of ``"linear"`` (double integrator), ``"pendulum"``, ``"cartpole"``,
-            ``"acrobot"``.
+            ``"acrobot"``, or an :class:`~mbrl.envs.systems.AnalyticSystem` of one's own (see
+            the module docstring; :func:`load_system` builds one from ``module:function``).
         out_dir: folder for ``results.csv``, ``results.md`` and the PNG plots (created).
         num_initial_states: ``K`` initial states per scenario.
         horizon, episode_steps: ``H`` and ``T``; per-system defaults when ``None``.
         seed: initial state ``k`` comes from env seed ``seed + k``; planners' generators too.
         methods: a subset of :data:`METHODS`. LQR runs only where it applies (the linear
-            system, and the ``"stabilize"`` scenario of the nonlinear ones).
-        planner_options: per-method constructor overrides, e.g. ``{"cem": {"population": 100}}``.
-        scenarios: ``("swingup", "stabilize")`` for nonlinear systems by default,
-            ``("regulate",)`` for the linear one.
+            system, and the ``"stabilize"`` scenario of the others).
+        planner_options: per-method constructor keywords, e.g. ``{"cem": {"population": 100}}``
+            (checked by :func:`check_planner_options` before any episode runs).
+        scenarios: ``("swingup", "stabilize")`` by default, ``("regulate",)`` for the linear
+            system.
         progress: called with one line per finished episode (``None``: silent).
 
     Returns:
         :class:`StudyResult` with one :class:`MethodSummary` per (scenario, method).
+
+    Raises:
+        ValueError: an unknown system, method, scenario or planner option, a bad option value,
+            or ``num_initial_states < 1``.
     """
-    setup = _setup(system)
+    if isinstance(system, str):
+        if system not in SYSTEM_NAMES:
+            raise ValueError(f"unknown system {system!r}; valid: {', '.join(SYSTEM_NAMES)}")
+        base, linear = make_system(system), system == "linear"
+    elif isinstance(system, AnalyticSystem):
+        base, linear = system, False
+    else:
+        raise ValueError(
+            f"system must be one of {', '.join(SYSTEM_NAMES)} or an AnalyticSystem, got "
+            f"{type(system).__name__}"
+        )
+    try:
+        base.casadi  # noqa: B018 the twins every method uses (derivatives, NMPC), built once
+    except Exception as e:
+        raise ValueError(
+            f"system {base.name!r}: its step_expr / cost_expr / terminal_expr do not build as "
+            f"casadi expressions ({type(e).__name__}: {e}); write them over the ops namespace "
+            "they receive (ops.sin, ops.split, ...), not torch or numpy calls"
+        ) from e
+    setup = _setup(base)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
@@ -297,20 +659,29 @@ def run_study(
         raise ValueError(f"num_initial_states must be >= 1, got {num_initial_states}")
     horizon = setup.horizon if horizon is None else horizon
     episode_steps = setup.episode_steps if episode_steps is None else episode_steps
-    valid = ("regulate",) if system == "linear" else ("swingup", "stabilize")
+    valid = ("regulate",) if linear else ("swingup", "stabilize")
     scenarios = valid if scenarios is None else tuple(scenarios)
     if any(s not in valid for s in scenarios):
-        raise ValueError(f"scenarios for {system!r} are {valid}, got {scenarios}")
+        raise ValueError(f"scenarios for {base.name!r} are {valid}, got {scenarios}")
     options = planner_options or {}
+    check_planner_options(options, methods)
+    for method in methods:  # bad option values fail here, before any episode
+        try:
+            _planner(method, base, horizon, setup, options)
+        except (TypeError, ValueError) as e:
+            given = ", ".join(f"{method}.{k}={v!r}" for k, v in options.get(method, {}).items())
+            raise ValueError(f"planner options {given or '(defaults)'}: {e}") from e
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     episodes: list[EpisodeResult] = []
     rows: list[MethodSummary] = []
     for scenario in scenarios:
-        sys_s = make_system(system, setup.start_noise)
+        sys_s = dataclasses.replace(base, start_noise=setup.start_noise)
         if scenario == "stabilize":
             sys_s = dataclasses.replace(sys_s, start=sys_s.goal, start_noise=setup.stabilize_noise)
+        sys_s.casadi  # noqa: B018 built before any plan is timed (replace() drops the cache)
+        lqr_cost = None
         for method in methods:
             if method == "lqr" and scenario == "swingup":
                 continue  # a linearization at the goal does not swing up
@@ -322,29 +693,33 @@ def run_study(
                 runs.append(ep)
                 if progress is not None:
                     progress(
-                        f"{system} {scenario} {method} start {k}: cost {ep.cost:.2f} "
-                        f"success {ep.success} median solve "
-                        f"{1e3 * float(np.median(ep.solve_seconds)):.1f} ms"
+                        f"{base.name} {scenario} {method} start {k}: cost {ep.cost:.2f} "
+                        f"success {ep.success}{' (' + ep.failure + ')' if ep.failure else ''} "
+                        f"median solve {1e3 * float(np.median(ep.solve_seconds)):.1f} ms"
                     )
             episodes += runs
-            rows.append(_summarize(runs))
+            if method == "lqr":
+                lqr_cost = float(np.mean([e.cost for e in runs]))
+            rows.append(_summarize(runs, base.dt, lqr_cost))
 
+    criteria = {s: success_criterion(base, s) for s in scenarios}
     files = [
         _write_csv(rows, out / "results.csv"),
         _write_markdown(
             rows,
             out / "results.md",
-            system,
+            base,
             horizon,
             episode_steps,
             setup,
             seed,
             num_initial_states,
+            criteria,
         ),
     ]
-    files += _plot(episodes, rows, out, system)
+    files += _plot(episodes, rows, out, base)
     return StudyResult(
-        system=system, rows=tuple(rows), episodes=tuple(episodes), files=tuple(files)
+        system=base.name, rows=tuple(rows), episodes=tuple(episodes), files=tuple(files)
     )
 
 
@@ -366,23 +741,62 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def cost_weights(system: AnalyticSystem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Half the Hessians of the stage cost in ``x`` and ``u`` and of the terminal cost at the
+    goal with zero action: ``Q [X, X]``, ``R [U, U]``, ``Qf [X, X]`` (exact weights of a
+    quadratic cost, the local ones of a smooth cost; ``2 (1 - cos theta)`` gives 1)."""
+    goal = torch.as_tensor(system.goal, dtype=torch.float64)
+    u0 = torch.zeros(system.act_dim, dtype=torch.float64)
+    hess = torch.autograd.functional.hessian
+
+    def stage(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return system.cost(x[None], u[None])[0]
+
+    (hxx, _), (_, huu) = hess(stage, (goal, u0))
+    hf = hess(lambda x: system.terminal_cost(x[None])[0], goal)
+    return 0.5 * hxx.numpy(), 0.5 * huu.numpy(), 0.5 * hf.numpy()
+
+
+def _matrix_text(m: np.ndarray) -> str:
+    if np.allclose(m, np.diag(np.diag(m))):
+        return "diag(" + ", ".join(f"{v:.3g}" for v in np.diag(m)) + ")"
+    return "[" + "; ".join(", ".join(f"{v:.3g}" for v in row) for row in m) + "]"
+
+
 def _write_markdown(
     rows: Sequence[MethodSummary],
     path: Path,
-    system: str,
+    system: AnalyticSystem,
     horizon: int,
     steps: int,
     setup: StudySetup,
     seed: int,
     k: int,
+    criteria: dict[str, SuccessCriterion],
 ) -> Path:
+    labels = labels_of(system)
+    dt = system.dt
+    Q, R, Qf = cost_weights(system)
+    states = ", ".join(labels.states)
     head = (
-        f"# Control study: {system}\n\n"
-        f"Horizon H = {horizon}, episode T = {steps} steps, {k} initial states per scenario "
-        f"(env seeds {seed}..{seed + k - 1}), replanning every step. Cost: the system's stage "
-        "cost summed over the episode plus its terminal cost. Solve time: wall time of one "
-        "MPC step's plan. Violations: closed-loop steps outside the state bounds "
-        f"({_bounds_text(setup)}), which only NMPC imposes.\n\n"
+        f"# Control study: {system.name}\n\n"
+        f"State {states}; action {', '.join(labels.actions)}. dt = {dt:g} s; horizon "
+        f"H = {horizon} steps ({horizon * dt:g} s); episode T = {steps} steps "
+        f"({steps * dt:g} s); {k} initial states per scenario (env seeds {seed}..{seed + k - 1}),"
+        " replanning every step.\n\n"
+        "Cost: the system's stage cost summed over the episode plus its terminal cost; its "
+        f"weights at the goal (half the Hessians): Q = {_matrix_text(Q)}, R = {_matrix_text(R)},"
+        f" terminal Qf = {_matrix_text(Qf)}.\n\n"
+        "Success: " + " ".join(f"{s}: {c.text(labels, dt)}." for s, c in criteria.items()) + "\n\n"
+        "Columns: cost_vs_lqr = cost_mean / LQR's; u_rms = RMS of the applied action; "
+        "settling_s = seconds until every state stays within the tolerance of rule 1 (worst "
+        "start); overshoot_pct = largest excursion of "
+        + ", ".join(labels.states[i].split(" ")[0] for i in labels.measured)
+        + " past the goal in % of its initial distance (worst start); solve times are wall "
+        f"times of one warm-started MPC step's plan (cold_ms_max: the first plan of an episode) "
+        f"against the real-time budget dt = {1e3 * dt:g} ms (over_budget: warm steps slower); "
+        f"violations: closed-loop steps outside the state bounds ({_bounds_text(setup, labels)})"
+        ", which only NMPC imposes.\n\n"
     )
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(_fmt(getattr(r, c)) for c in _COLUMNS) + " |" for r in rows]
@@ -390,11 +804,11 @@ def _write_markdown(
     return path
 
 
-def _bounds_text(setup: StudySetup) -> str:
+def _bounds_text(setup: StudySetup, labels: Labels) -> str:
     if setup.state_low is None:
         return "none"
     parts = [
-        f"x[{i}] in [{lo:g}, {hi:g}]"
+        f"{labels.states[i].split(' ')[0]} in [{lo:g}, {hi:g}]"
         for i, (lo, hi) in enumerate(zip(setup.state_low, setup.state_high, strict=True))
         if np.isfinite(lo) or np.isfinite(hi)
     ]
@@ -402,30 +816,35 @@ def _bounds_text(setup: StudySetup) -> str:
 
 
 def _plot(
-    episodes: Sequence[EpisodeResult], rows: Sequence[MethodSummary], out: Path, system: str
+    episodes: Sequence[EpisodeResult],
+    rows: Sequence[MethodSummary],
+    out: Path,
+    system: AnalyticSystem,
 ) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = labels_of(system)
     files = []
     for scenario in dict.fromkeys(e.scenario for e in episodes):
         first = [e for e in episodes if e.scenario == scenario and e.initial_state == 0]
         nx, nu = first[0].obs.shape[1], first[0].act.shape[1]
         fig, axes = plt.subplots(nx + nu, 1, figsize=(7, 1.8 * (nx + nu)), sharex=True)
         for e in first:
+            t = system.dt * np.arange(len(e.obs))
             for i in range(nx):
-                axes[i].plot(e.obs[:, i], label=e.method)
+                axes[i].plot(t, e.obs[:, i], label=e.method)
             for j in range(nu):
-                axes[nx + j].step(np.arange(len(e.act)), e.act[:, j], where="post")
+                axes[nx + j].step(t[:-1], e.act[:, j], where="post")
         for i in range(nx):
-            axes[i].set_ylabel(f"x[{i}]")
+            axes[i].set_ylabel(labels.states[i])
         for j in range(nu):
-            axes[nx + j].set_ylabel(f"u[{j}]")
-        axes[-1].set_xlabel("step")
+            axes[nx + j].set_ylabel(labels.actions[j])
+        axes[-1].set_xlabel("time [s]")
         axes[0].legend(loc="upper right", fontsize="small")
-        axes[0].set_title(f"{system} {scenario}: closed loop from initial state 0")
+        axes[0].set_title(f"{system.name} {scenario}: closed loop from initial state 0")
         fig.tight_layout()
         path = out / f"trajectories_{scenario}.png"
         fig.savefig(path, dpi=100)
@@ -447,10 +866,11 @@ def _plot(
                 color=colors[r.method],
                 label=r.method,
             )
+        ax.axvline(1e3 * system.dt, color="grey", linestyle=":", label="budget dt")
         ax.set_xscale("log")
         ax.set_xlabel("median solve time per MPC step [ms]")
         ax.set_ylabel("closed-loop cost (mean +- std)")
-        ax.set_title(f"{system} {scenario}")
+        ax.set_title(f"{system.name} {scenario}")
         ax.legend(fontsize="small")
     fig.tight_layout()
     path = out / "cost_vs_time.png"

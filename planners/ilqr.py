@@ -13,12 +13,15 @@ objective (:func:`~mbrl.planners.derivatives.stage_cost_of`),
 one), or the problem's ``stage_cost``; dynamics are the model's mean dynamics (particles,
 discount and termination are ignored: iLQR plans one deterministic trajectory). The backward
 pass is the shared Riccati recursion (:func:`~mbrl.planners.lqr.riccati_backward`) with the
-box-QP gain step (:func:`box_gain`).
+box-QP gain step (:func:`box_gain`). Without an initial guess the solver starts from the
+better of zeros and a closed-loop regulator guess, and it does not report a saddle (a stationary
+point with negative curvature, such as the hanging pendulum at rest) as converged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,7 +35,13 @@ from mbrl.planners.derivatives import (
     model_dtype,
     stage_cost_of,
 )
-from mbrl.planners.lqr import GainFn, IndefiniteError, TimeVaryingLQR, riccati_backward
+from mbrl.planners.lqr import (
+    Array,
+    GainFn,
+    IndefiniteError,
+    TimeVaryingLQR,
+    riccati_backward,
+)
 from mbrl.shapes import check_shape
 
 _STATUSES = ("converged", "max_iterations", "diverged", "nonfinite")
@@ -120,11 +129,31 @@ class ILQR:
     ``delta = max(mu_factor, delta mu_factor)``, ``mu = max(mu_min, mu delta)``; on success
     ``delta = min(1 / mu_factor, delta / mu_factor)``, ``mu = mu delta`` (0 below ``mu_min``).
 
+    Initial guess: the caller's ``warm.actions``; without one (the first plan of an MPC
+    episode) the cheaper of two rollouts: zero actions (clipped into the bounds) open loop, and
+    the *regulator guess* (:meth:`_regulator_guess`): the time-varying LQR of the problem
+    expanded at the start state held still, rolled out in closed loop. Near a goal the regulator
+    guess is the LQR of the linearization there and stays in the goal's basin; zeros open loop
+    let an unstable system fall out of it (the pendulum started near upright falls and, without
+    friction, swings through a full turn, and the iterations then polish that full turn).
+
+    Stationary points: when the iterations stop at a stationary point (below) after meeting an
+    indefinite ``Q_uu`` or needing more regularization than ``mu_init`` (which can hide negative
+    curvature), the unregularized backward pass is run there: if some ``Q_uu`` has a negative
+    eigenvalue and the perturbation along it (:meth:`_descent_perturbation`) lowers the real
+    rollout's cost, the point is a saddle, not a minimum (the hanging pendulum with zero torque
+    is one: the gradient is zero, the curvature in the torque negative). Without a caller's
+    guess the solver steps to the perturbed trajectory and goes on (``saddle_escapes``); with
+    one it stops with status ``"saddle"``.
+
     Stopping rule and :attr:`Plan.status`:
 
     - ``"converged"``: the gradient measure ``mean_t max_i |k_ti| / (|u_ti| + 1)`` is below
       ``tol_grad`` (with ``mu < 1e-5``, as Tassa's), or an accepted step reduced the cost by
-      less than ``tol_rel_cost * |J|``, or the expected reduction is below that;
+      less than ``tol_rel_cost * |J|``, or the expected reduction is below that, and the point
+      is not a saddle (above);
+    - ``"saddle"``: the same stationarity at a saddle of the caller's initial guess; the plan is
+      that stationary trajectory and ``saddle_decrease`` says how much the perturbation saved;
     - ``"max_iterations"``: ``max_iterations`` iterations ran without converging (the best
       trajectory found is returned: MPC with few iterations per step lands here);
     - ``"diverged"``: ``mu`` exceeded ``mu_max`` (no step decreases the cost, or ``Q_uu``
@@ -187,14 +216,19 @@ class ILQR:
     def plan(
         self, problem: PlanningProblem, x0: torch.Tensor, warm: WarmStart | None = None
     ) -> Plan:
-        """Optimise ``H`` actions from ``x0 [X]`` starting from ``warm.actions [H, U]`` (zeros
-        clipped into the bounds when ``None``; non-finite entries are replaced the same way).
+        """Optimise ``H`` actions from ``x0 [X]`` starting from ``warm.actions [H, U]``
+        (non-finite entries replaced by zeros clipped into the bounds), or from the default
+        guess when ``None`` (the cheaper of zeros and the regulator guess, see the class
+        docstring).
 
         The model is called in its own dtype (``x0``'s for models that follow their inputs);
         the backward pass runs in float64. Returns a :class:`Plan` in ``x0``'s dtype and device
         with ``actions [H, U]``, ``K [H, U, X]``, ``x_ref [H + 1, X]``, the status of the
-        stopping rule and diagnostics ``cost``, ``initial_cost``, ``grad_norm``, ``mu``,
-        ``expected_reduction``, ``backward_failures``, ``rejected_steps``.
+        stopping rule and diagnostics ``cost``, ``initial_cost`` (of the trajectory the
+        iterations start from), ``grad_norm``, ``mu``, ``expected_reduction``,
+        ``backward_failures``, ``rejected_steps``, ``regulator_guess`` (1 when the default guess
+        was the regulator's), ``saddle_escapes`` and ``saddle_decrease`` (the cost the last
+        saddle perturbation saved; 0 when none was found).
 
         Raises:
             ValueError: ``x0`` is not one state, or the model learns the reward.
@@ -234,11 +268,20 @@ class ILQR:
                 nonfinite=1,
                 diagnostics={"cost": float("inf"), "initial_cost": float("inf")},
             )
+        box = (low, high, low64, high64)
+        nonfinite, regulated = 0, False
+        if warm is None:  # the default guess: the better of zeros and the regulator around x0
+            guess = self._regulator_guess(problem, objective, step, x0, u, times, box)
+            if guess is not None:
+                nonfinite += guess.nonfinite
+                if guess.cost < cost:
+                    x, u, cost, regulated = guess.x, guess.u, guess.cost, True
         initial_cost = cost
         mu, delta = self.mu_init, 1.0
         status = "max_iterations"
         K = torch.zeros(h, nu, nx, dtype=torch.float64)  # [H, U, X]
-        grad_norm, expected, backward_failures, rejected, nonfinite = np.inf, 0.0, 0, 0, 0
+        grad_norm, expected, backward_failures, rejected = np.inf, 0.0, 0, 0
+        escapes, saddle_decrease = 0, 0.0
         iterations = 0
         need_expansion = True
         while iterations < self.max_iterations:
@@ -252,39 +295,37 @@ class ILQR:
                 need_expansion = False
             u64 = u.double().cpu()  # [H, U]
             gain = box_gain(low64 - u64, high64 - u64)
-            # backward pass, raising mu until every Q_uu is positive definite
-            while True:
-                result = self._backward(expansion, mu, gain)
-                if result is not None:
-                    break
-                backward_failures += 1
-                delta = max(self.mu_factor, delta * self.mu_factor)
-                mu = max(self.mu_min, mu * delta)
-                if mu > self.mu_max:
-                    break
+            result, mu, delta, failures = self._backward_raising_mu(expansion, mu, delta, gain)
+            backward_failures += failures
             if result is None:
                 status = "diverged"
                 break
+            mu_used = mu
             K_new, k_new = result.K, result.k
             d1, d2 = float(result.d1), float(result.d2)
             grad_norm = float(torch.mean(torch.amax(k_new.abs() / (u64.abs() + 1.0), dim=1)))
             expected = -(d1 + d2)
-            if grad_norm < self.tol_grad and mu < 1e-5:
-                K = K_new
-                status = "converged"
-                break
-            if expected <= self.tol_rel_cost * abs(cost):
-                K = K_new
-                status = "converged"
-                break
-            # forward pass: every alpha at once
-            xs, us, costs = self._rollout_closed(step, objective, x0, x, u, K_new, k_new, low, high)
-            bad = ~np.isfinite(costs)
-            nonfinite += int(bad.sum())
-            reduction = cost - costs  # [A]
-            expected_a = -(self.alphas * d1 + self.alphas**2 * d2)  # [A]
-            ok = (reduction > self.min_reduction_ratio * expected_a) & ~bad & (reduction > 0)
-            if ok.any():
+            stationary = (grad_norm < self.tol_grad and mu < 1e-5) or (
+                expected <= self.tol_rel_cost * abs(cost)
+            )
+            improvement = None
+            if not stationary:
+                # forward pass: every alpha at once
+                ks = torch.as_tensor(self.alphas)[:, None, None] * k_new  # [A, H, U]
+                xs, us, costs = self._rollout_closed(step, objective, x0, x, u, K_new, ks, box)
+                bad = ~np.isfinite(costs)
+                nonfinite += int(bad.sum())
+                reduction = cost - costs  # [A]
+                expected_a = -(self.alphas * d1 + self.alphas**2 * d2)  # [A]
+                ok = (reduction > self.min_reduction_ratio * expected_a) & ~bad & (reduction > 0)
+                if not ok.any():
+                    rejected += 1
+                    delta = max(self.mu_factor, delta * self.mu_factor)
+                    mu = max(self.mu_min, mu * delta)
+                    if mu > self.mu_max:
+                        status = "diverged"
+                        break
+                    continue
                 a = int(np.argmax(ok))  # largest accepted alpha
                 new_cost = float(costs[a])
                 x, u, K = xs[a], us[a], K_new
@@ -293,16 +334,37 @@ class ILQR:
                 need_expansion = True
                 delta = min(1.0 / self.mu_factor, delta / self.mu_factor)
                 mu = mu * delta if mu * delta > self.mu_min else 0.0
-                if improvement < self.tol_rel_cost * abs(cost):
-                    status = "converged"
-                    break
+                if improvement >= self.tol_rel_cost * abs(cost):
+                    continue
             else:
-                rejected += 1
-                delta = max(self.mu_factor, delta * self.mu_factor)
-                mu = max(self.mu_min, mu * delta)
-                if mu > self.mu_max:
-                    status = "diverged"
+                K = K_new
+            # a stationary point: a minimum unless the unregularized second-order model has
+            # negative curvature along which a real rollout lowers the cost (checked when
+            # regularization may have hidden it)
+            if backward_failures > 0 or mu_used > self.mu_init:
+                if need_expansion:
+                    try:
+                        expansion = self._expand(problem, objective, x, u, times)
+                    except FloatingPointError:
+                        status = "nonfinite"
+                        break
+                    need_expansion = False
+                descent = self._descent_perturbation(
+                    step, objective, x0, x, u, cost, expansion, box
+                )
+                if descent is not None:
+                    nonfinite += descent.nonfinite
+                    saddle_decrease = cost - descent.cost
+                    if warm is None:  # the default guess steps off the saddle and goes on
+                        x, u, cost = descent.x, descent.u, descent.cost
+                        escapes += 1
+                        need_expansion = True
+                        mu, delta = self.mu_init, 1.0
+                        continue
+                    status = "saddle"
                     break
+            status = "converged"
+            break
         if nonfinite:
             problem.nonfinite += nonfinite
         return Plan(
@@ -321,6 +383,9 @@ class ILQR:
                 "expected_reduction": float(expected),
                 "backward_failures": float(backward_failures),
                 "rejected_steps": float(rejected),
+                "regulator_guess": float(regulated),
+                "saddle_escapes": float(escapes),
+                "saddle_decrease": float(saddle_decrease),
             },
         )
 
@@ -339,29 +404,28 @@ class ILQR:
             cost = float(objective.trajectory_cost(x.unsqueeze(0), u.unsqueeze(0))[0])
         return x, cost
 
+    @staticmethod
     def _rollout_closed(
-        self,
         step: StepFn,
         objective: ProblemCost,
         x0: torch.Tensor,
         x_ref: torch.Tensor,
         u_ref: torch.Tensor,
         K: torch.Tensor,
-        k: torch.Tensor,
-        low: torch.Tensor,
-        high: torch.Tensor,
+        ks: torch.Tensor,
+        box: _Box,
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """Roll out ``u = clip(u_ref + alpha k + K (x - x_ref))`` for every alpha at once.
+        """Roll out ``u = clip(u_ref + ks[a] + K (x - x_ref))`` for every candidate ``a`` at
+        once (``ks [A, H, U]``: ``alpha k`` for the line search).
 
         Returns states ``[A, H + 1, X]``, actions ``[A, H, U]`` and costs ``[A]`` (inf where
         the rollout is not finite).
         """
         dtype, device = x0.dtype, x0.device
-        n = len(self.alphas)
-        alphas = torch.as_tensor(self.alphas, dtype=dtype, device=device)  # [A]
-        k_t = k.to(dtype=dtype, device=device)  # [H, U]
+        low, high = box[0], box[1]
+        n = ks.shape[0]
         KT = K.to(dtype=dtype, device=device).transpose(1, 2).unbind(0)  # H x [X, U]
-        ff = (u_ref.unsqueeze(0) + alphas[:, None, None] * k_t).unbind(1)  # H x [A, U]
+        ff = (u_ref.unsqueeze(0) + ks.to(dtype=dtype, device=device)).unbind(1)  # H x [A, U]
         refs = x_ref.unbind(0)  # H + 1 x [X]
         with torch.no_grad():
             state = x0.expand(n, -1)  # [A, X]
@@ -386,22 +450,29 @@ class ILQR:
         x: torch.Tensor,
         u: torch.Tensor,
         t: torch.Tensor,
+        next_x: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Dynamics and cost expansions along ``x [H + 1, X]``, ``u [H, U]`` at times
         ``t [H]``, in the model's dtype, as float64 CPU tensors: ``F [H, X + 1, Z + 1]``
-        (homogeneous ``[[f_x, f_u, 0], [0, 0, 1]]``), ``C [H, Z + 1, Z + 1]``
+        (homogeneous ``[[f_x, f_u, d], [0, 0, 1]]``), ``C [H, Z + 1, Z + 1]``
         (``[[l_zz, l_z], [l_z', 0]]``), ``V_H [X + 1, X + 1]`` and the regularizer rows
-        ``Rg [H, U, Z + 1]`` (``[f_u' f_x, f_u' f_u, 0]`` or ``[0, I, 0]``)."""
+        ``Rg [H, U, Z + 1]`` (``[f_u' f_x, f_u' f_u, 0]`` or ``[0, I, 0]``). ``next_x [H, X]``
+        are the model's next states ``f(x_t, u_t)`` when ``x`` is not a rollout (the
+        regulator guess); the defect ``d_t = f(x_t, u_t) - x_{t+1}`` is then the affine term
+        (zero, and ``next_x = x[1:]``, along a rollout)."""
         h, nx = u.shape[0], x.shape[1]
         nu = u.shape[1]
         nz = nx + nu
         A, B = dynamics_jacobians(problem.model, x[:-1], u, t, problem.horizon)
-        stage = objective.expansion_along(x[:-1], u, t, x[1:], (A, B))
+        following = x[1:] if next_x is None else next_x
+        stage = objective.expansion_along(x[:-1], u, t, following, (A, B))
         opts = {"dtype": torch.float64, "device": "cpu"}
         fx = A.detach().to(**opts)
         fu = B.detach().to(**opts)
         F = torch.zeros(h, nx + 1, nz + 1, **opts)
         F[:, :nx, :nx], F[:, :nx, nx:nz], F[:, nx, nz] = fx, fu, 1.0
+        if next_x is not None:
+            F[:, :nx, nz] = (next_x - x[1:]).detach().to(**opts)
         C = torch.zeros(h, nz + 1, nz + 1, **opts)
         C[:, :nz, :nz] = stage.hess.detach().to(**opts)
         lz = stage.grad.detach().to(**opts)
@@ -437,6 +508,138 @@ class ILQR:
         except IndefiniteError:
             return None
 
+    def _backward_raising_mu(
+        self, expansion: tuple[torch.Tensor, ...], mu: float, delta: float, gain: GainFn
+    ) -> tuple[TimeVaryingLQR | None, float, float, int]:
+        """:meth:`_backward`, raising ``mu`` on the schedule until every ``Q_uu`` is positive
+        definite: ``(result or None past mu_max, mu, delta, failed passes)``."""
+        failures = 0
+        while True:
+            result = self._backward(expansion, mu, gain)
+            if result is not None:
+                return result, mu, delta, failures
+            failures += 1
+            delta = max(self.mu_factor, delta * self.mu_factor)
+            mu = max(self.mu_min, mu * delta)
+            if mu > self.mu_max:
+                return None, mu, delta, failures
+
+    def _regulator_guess(
+        self,
+        problem: PlanningProblem,
+        objective: ProblemCost,
+        step: StepFn,
+        x0: torch.Tensor,
+        u_bar: torch.Tensor,
+        t: torch.Tensor,
+        box: _Box,
+    ) -> _Trajectory | None:
+        """The regulator guess: the time-varying LQR of the problem expanded at the start held
+        still (``x_t = x0``, ``u_t = u_bar [H, U]``, the model's defects ``f(x0, u_bar) - x0``
+        as affine terms), rolled out in closed loop ``u = clip(u_bar + alpha k + K (x - x0))``
+        through the model for every line-search ``alpha``; the cheapest rollout. Near a goal
+        the cost pulls toward it is the LQR of the linearization there, which keeps the
+        trajectory in the goal's basin where an open-loop zero guess falls out of it. ``None``
+        when no regularization up to ``mu_max`` makes the backward pass definite, or no
+        rollout is finite."""
+        x_bar = x0.reshape(1, -1).expand(u_bar.shape[0] + 1, -1)  # [H + 1, X]
+        with torch.no_grad():
+            next_x = step(x_bar[:-1], u_bar)  # [H, X]
+        if not torch.isfinite(next_x).all():
+            return None
+        try:
+            expansion = self._expand(problem, objective, x_bar, u_bar, t, next_x)
+        except FloatingPointError:
+            return None
+        u64 = u_bar.double().cpu()
+        gain = box_gain(box[2] - u64, box[3] - u64)
+        result = self._backward_raising_mu(expansion, self.mu_init, 1.0, gain)[0]
+        if result is None:
+            return None
+        ks = torch.as_tensor(self.alphas)[:, None, None] * result.k  # [A, H, U]
+        xs, us, costs = self._rollout_closed(step, objective, x0, x_bar, u_bar, result.K, ks, box)
+        bad = int((~np.isfinite(costs)).sum())
+        if bad == len(costs):
+            return _Trajectory(x_bar, u_bar, float("inf"), bad)
+        a = int(np.argmin(costs))
+        return _Trajectory(xs[a], us[a], float(costs[a]), bad)
+
+    def _descent_perturbation(
+        self,
+        step: StepFn,
+        objective: ProblemCost,
+        x0: torch.Tensor,
+        x: torch.Tensor,
+        u: torch.Tensor,
+        cost: float,
+        expansion: tuple[torch.Tensor, ...],
+        box: _Box,
+    ) -> _Trajectory | None:
+        """A perturbation of the stationary trajectory ``x [H + 1, X]``, ``u [H, U]`` that
+        lowers its cost, or ``None`` when the unregularized second-order model is positive
+        definite (a local minimum of the model) or no tried perturbation lowers the cost.
+
+        The unregularized backward pass runs from ``t = H - 1`` down until a step ``s`` whose
+        ``Q_uu`` has a non-positive eigenvalue; along that eigenvector ``v``, ``u_s`` is moved
+        by ``+-eps v`` (``eps`` = 1, 0.3, 0.1, 0.03, 0.01 of the half action range, 1 for an
+        unbounded action) and the later controls follow the pass's feedback
+        ``K_t (x_t - x_ref_t)``, ``t > s``: the model's direction of negative curvature. Each
+        is rolled out through the model and the cheapest is taken if it is cheaper than
+        ``cost`` by more than ``tol_rel_cost |cost|``. Deterministic: ties go to ``+v`` and
+        the larger ``eps``."""
+        F, C, VH, _ = expansion
+        h, nu, nx = u.shape[0], u.shape[1], x.shape[1]
+        u64 = u.double().cpu()
+        gain = box_gain(box[2] - u64, box[3] - u64)
+        gains: dict[int, Array] = {}
+        found: list[tuple[int, np.ndarray]] = []
+
+        def recording(t: int, Quu: Array, Qux: Array, qu: Array) -> tuple[Array, Array]:
+            try:
+                K_t, k_t = gain(t, Quu, Qux, qu)
+            except IndefiniteError:
+                found.append((t, np.array(Quu, dtype=np.float64)))
+                raise
+            gains[t] = K_t
+            return K_t, k_t
+
+        try:
+            riccati_backward(F, C, VH, None, recording)
+            return None
+        except IndefiniteError:
+            pass
+        s, Quu = found[0]
+        v = torch.from_numpy(np.linalg.eigh(Quu)[1][:, 0])  # [U] the lowest curvature
+        half = (box[3] - box[2]) / 2  # [U]
+        scale = float(half.min()) if bool(torch.isfinite(half).all()) else 1.0
+        eps = scale * torch.tensor([1.0, 0.3, 0.1, 0.03, 0.01], dtype=torch.float64)
+        eps = torch.cat([eps, -eps])  # [A]
+        ks = torch.zeros(len(eps), h, nu, dtype=torch.float64)
+        ks[:, s] = eps[:, None] * v
+        K = torch.zeros(h, nu, nx, dtype=torch.float64)
+        for t, K_t in gains.items():
+            K[t] = torch.as_tensor(K_t)
+        xs, us, costs = self._rollout_closed(step, objective, x0, x, u, K, ks, box)
+        bad = int((~np.isfinite(costs)).sum())
+        a = int(np.argmin(costs))  # first of the cheapest
+        if not costs[a] < cost - self.tol_rel_cost * abs(cost):
+            return None
+        return _Trajectory(xs[a], us[a], float(costs[a]), bad)
+
+
+_Box = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(low, high)`` ``[U]`` in the model's dtype and device, and the same in float64 on CPU."""
+
+
+@dataclass(frozen=True)
+class _Trajectory:
+    """A rollout the solver may start from or step to."""
+
+    x: torch.Tensor  # [H + 1, X]
+    u: torch.Tensor  # [H, U]
+    cost: float
+    nonfinite: int  # candidates of its search that were not finite
+
 
 def box_gain(dlow: torch.Tensor, dhigh: torch.Tensor) -> GainFn:
     """The box-DDP gain step (Tassa, Mansard & Todorov 2014) for
@@ -444,39 +647,38 @@ def box_gain(dlow: torch.Tensor, dhigh: torch.Tensor) -> GainFn:
     regularized ``Q`` model over ``dlow[t] <= k <= dhigh[t]`` (``[H, U]``, float64, the bounds
     minus the current actions) by :func:`box_qp`, warm-started at ``k_{t+1}``, and the
     feedback rows of clamped controls are zero. One action (``U = 1``): the box QP in closed
-    form, the Newton step clipped, in Python floats. Raises
+    form, the Newton step clipped, in Python floats. Takes and returns the pass's arrays (numpy
+    or torch, see :data:`~mbrl.planners.lqr.GainFn`). Raises
     :class:`~mbrl.planners.lqr.IndefiniteError` when ``Q_uu`` is not positive definite on the
     free controls."""
     if dlow.shape[-1] == 1:
         lows, highs = dlow[:, 0].tolist(), dhigh[:, 0].tolist()
 
-        def scalar(
-            t: int, Quu: torch.Tensor, Qux: torch.Tensor, qu: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            quu, q = float(Quu), float(qu)
+        def scalar(t: int, Quu: Array, Qux: Array, qu: Array) -> tuple[Array, Array]:
+            quu, q = float(Quu[0, 0]), float(qu[0])
             if not quu > 0:
                 raise IndefiniteError(t)
             k_free = -q / quu
             kt = min(max(k_free, lows[t]), highs[t])
             if kt == k_free:
                 return Qux / -quu, qu / -quu
-            return torch.zeros_like(Qux), torch.full_like(qu, kt)
+            return Qux * 0.0, qu * 0.0 + kt
 
         return scalar
     low_np, high_np = dlow.numpy(), dhigh.numpy()
     prev = np.zeros(dlow.shape[-1])  # k_{t+1}: the box QP's warm start
 
-    def boxed(
-        t: int, Quu: torch.Tensor, Qux: torch.Tensor, qu: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows_x = Qux.numpy()
-        kt, free, L = box_qp(Quu.numpy(), qu.numpy(), low_np[t], high_np[t], prev)
+    def boxed(t: int, Quu: Array, Qux: Array, qu: Array) -> tuple[Array, Array]:
+        rows_x = np.asarray(Qux)
+        kt, free, L = box_qp(np.asarray(Quu), np.asarray(qu), low_np[t], high_np[t], prev)
         if not np.isfinite(kt).all():
             raise IndefiniteError(t)
         K = np.zeros_like(rows_x)
         if free.any():
             K[free] = -np.linalg.solve(L.T, np.linalg.solve(L, rows_x[free]))
         prev[:] = kt
-        return torch.from_numpy(K), torch.from_numpy(kt)
+        if isinstance(Qux, np.ndarray):
+            return K, kt.copy()
+        return torch.from_numpy(K), torch.from_numpy(kt.copy())
 
     return boxed

@@ -138,23 +138,51 @@ class IndefiniteError(ValueError):
         self.step = step
 
 
-GainFn = Callable[
-    [int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
-]
+Array = torch.Tensor | np.ndarray
+
+GainFn = Callable[[int, Array, Array, Array], tuple[Array, Array]]
 """``gain(t, Q_uu [..., U, U], Q_ux [..., U, X], q_u [..., U]) -> (K [..., U, X], k [..., U])``:
 the minimiser of ``u' Q_uu u / 2 + u' (Q_ux x + q_u)`` as ``u = K x + k`` at step ``t`` (called
-for ``t = H-1 .. 0``); raises :class:`IndefiniteError` when there is none."""
+for ``t = H-1 .. 0``); raises :class:`IndefiniteError` when there is none. It gets and returns
+the arrays of :func:`riccati_backward`'s pass: float64 numpy arrays for one unbatched CPU
+problem, torch tensors otherwise."""
 
 
-def unconstrained_gain(
-    t: int, Quu: torch.Tensor, Qux: torch.Tensor, qu: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def unconstrained_gain(t: int, Quu: Array, Qux: Array, qu: Array) -> tuple[Array, Array]:
     """The :data:`GainFn` without constraints: ``[K, k] = -Q_uu^-1 [Q_ux, q_u]`` (Cholesky)."""
+    if isinstance(Quu, np.ndarray):
+        K, k = unconstrained_gain(t, *(torch.from_numpy(a) for a in (Quu, Qux, qu)))
+        return K.numpy(), k.numpy()
     L, info = torch.linalg.cholesky_ex(Quu)
     if bool((info != 0).any()):
         raise IndefiniteError(t)
     gains = -torch.cholesky_solve(torch.cat([Qux, qu.unsqueeze(-1)], dim=-1), L)  # [..., U, X+1]
     return gains[..., :-1], gains[..., -1]
+
+
+class _TorchArrays:
+    """The array operations of the recursion, on torch tensors (batched, or on a device)."""
+
+    @staticmethod
+    def eye(n: int, m: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.eye(n, m, dtype=like.dtype, device=like.device)
+
+    @staticmethod
+    def zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+class _NumpyArrays:
+    """The same on numpy arrays: one unbatched CPU problem (iLQR's), where numpy's per-call
+    overhead on ``[Z + 1, Z + 1]`` matrices is a fraction of torch's."""
+
+    @staticmethod
+    def eye(n: int, m: int, like: np.ndarray) -> np.ndarray:
+        return np.eye(n, m, dtype=like.dtype)
+
+    @staticmethod
+    def zeros(shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
+        return np.zeros(shape, dtype=like.dtype)
 
 
 def riccati_backward(
@@ -177,7 +205,10 @@ def riccati_backward(
 
     (Tassa, Erez & Todorov 2012, eq. 5 and 11; the regularizer enters the gains only, eq. 10).
     The gain step is pluggable: :func:`unconstrained_gain` (LQR) or iLQR's box QP
-    (:func:`mbrl.planners.ilqr.box_gain`).
+    (:func:`mbrl.planners.ilqr.box_gain`). The recursion is written once over an array
+    namespace: one unbatched float64 CPU problem runs on numpy arrays (zero-copy views of the
+    inputs; the small matrix products cost a fraction of torch's per-call overhead), anything
+    else on torch tensors.
 
     Args:
         F: ``[..., H, X + 1, Z + 1]``.
@@ -192,47 +223,49 @@ def riccati_backward(
     Raises:
         IndefiniteError: from ``gain``.
     """
+    batch = tuple(F.shape[:-3])
+    if not batch and F.device.type == "cpu" and F.dtype == torch.float64:
+        parts = (F, C, V_final) if reg is None else (F, C, V_final, reg)
+        arrays = [a.detach().numpy() for a in parts]
+        out = _recursion(*arrays[:3], None if reg is None else arrays[3], gain, _NumpyArrays)
+        return TimeVaryingLQR(*(torch.from_numpy(np.ascontiguousarray(a)) for a in out))
+    return TimeVaryingLQR(*_recursion(F, C, V_final, reg, gain, _TorchArrays))
+
+
+def _recursion(F: Any, C: Any, V_final: Any, reg: Any, gain: GainFn, ops: Any) -> tuple:
+    """:func:`riccati_backward` on the arrays of ``ops``: ``(K, k, V, v, d1, d2)``."""
     h, nx1, nz1 = F.shape[-3:]
     nx, nz = nx1 - 1, nz1 - 1
-    batch = F.shape[:-3]
-    opts = {"dtype": F.dtype, "device": F.device}
-    top = torch.eye(nx, nx1, **opts).expand(*batch, nx, nx1)  # [..., X, X + 1]
-    last = torch.zeros(1, nx1, **opts)
-    last[0, nx] = 1.0
-    last = last.expand(*batch, 1, nx1)  # [..., 1, X + 1]
-    Fs, FTs, Cs = F.unbind(-3), F.mT.unbind(-3), C.unbind(-3)
-    regs = None if reg is None else reg.unbind(-3)
+    nu = nz - nx
+    batch = tuple(F.shape[:-3])
+    M = ops.zeros((*batch, nz1, nx1), F)  # [[I, 0], [K_t, k_t], [0, 1]], the u rows per step
+    M[..., :nx, :nx] = ops.eye(nx, nx, F)
+    M[..., nz, nx] = 1.0
+    K_all = ops.zeros((*batch, h, nu, nx), F)
+    k_all = ops.zeros((*batch, h, nu), F)
+    qu_all = ops.zeros((*batch, h, nu), F)
+    Quu_all = ops.zeros((*batch, h, nu, nu), F)
+    Vt = ops.zeros((*batch, h + 1, nx1, nx1), F)
+    Vt[..., h, :, :] = V_final
+    FT = F.swapaxes(-1, -2)
     V = V_final
-    Ks, ks, Vs, qus, Quus = [], [], [V], [], []
-    unbatched = not batch
     for t in range(h - 1, -1, -1):
-        VF = V @ Fs[t]  # [..., X + 1, Z + 1]
-        Q = torch.addmm(Cs[t], FTs[t], VF) if unbatched else Cs[t] + FTs[t] @ VF  # [Z+1, Z+1]
-        rows = Q[..., nx:nz, :] if regs is None else Q[..., nx:nz, :] + regs[t]  # [..., U, Z + 1]
+        Q = C[..., t, :, :] + FT[..., t, :, :] @ (V @ F[..., t, :, :])  # [..., Z + 1, Z + 1]
+        rows = Q[..., nx:nz, :] if reg is None else Q[..., nx:nz, :] + reg[..., t, :, :]
         qu = Q[..., nx:nz, nz]  # [..., U] (not regularized)
         K, k = gain(t, rows[..., nx:nz], rows[..., :nx], qu)
-        M = torch.cat([top, torch.cat([K, k.unsqueeze(-1)], dim=-1), last], dim=-2)  # [Z+1, X+1]
-        V = M.mT @ (Q @ M)  # symmetric up to rounding; symmetrized once below
-        Ks.append(K)
-        ks.append(k)
-        Vs.append(V)
-        qus.append(qu)
-        Quus.append(Q[..., nx:nz, nx:nz])
-    k_all = torch.stack(ks[::-1], dim=-2)  # [..., H, U]
-    Vt = torch.stack(Vs[::-1], dim=-3)  # [..., H + 1, X + 1, X + 1]
-    Vt = 0.5 * (Vt + Vt.mT)
-    qu_all = torch.stack(qus[::-1], dim=-2)  # [..., H, U]
-    Quu_all = torch.stack(Quus[::-1], dim=-3)  # [..., H, U, U]
-    d1 = (k_all * qu_all).sum(dim=(-1, -2))
-    d2 = 0.5 * (k_all.unsqueeze(-2) @ Quu_all @ k_all.unsqueeze(-1)).sum(dim=(-1, -2, -3))
-    return TimeVaryingLQR(
-        K=torch.stack(Ks[::-1], dim=-3),
-        k=k_all,
-        V=Vt[..., :nx, :nx],
-        v=Vt[..., :nx, nx],
-        d1=d1,
-        d2=d2,
-    )
+        M[..., nx:nz, :nx] = K
+        M[..., nx:nz, nx] = k
+        V = M.swapaxes(-1, -2) @ (Q @ M)  # symmetric up to rounding; symmetrized once below
+        K_all[..., t, :, :] = K
+        k_all[..., t, :] = k
+        Vt[..., t, :, :] = V
+        qu_all[..., t, :] = qu
+        Quu_all[..., t, :, :] = Q[..., nx:nz, nx:nz]
+    Vt = 0.5 * (Vt + Vt.swapaxes(-1, -2))
+    d1 = (k_all * qu_all).sum(axis=(-1, -2))
+    d2 = 0.5 * (k_all[..., None, :] @ Quu_all @ k_all[..., :, None]).sum(axis=(-1, -2, -3))
+    return K_all, k_all, Vt[..., :nx, :nx], Vt[..., :nx, nx], d1, d2
 
 
 def lqr_backward(

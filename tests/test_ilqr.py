@@ -14,7 +14,7 @@ from mbrl.envs import make
 from mbrl.envs.systems import SYSTEMS, AnalyticSystem, double_integrator
 from mbrl.planners.base import PlanningProblem, WarmStart
 from mbrl.planners.ilqr import ILQR, box_qp
-from mbrl.planners.lqr import lqr_backward
+from mbrl.planners.lqr import LQR, lqr_backward
 from mbrl.shapes import ShapeError
 
 F64 = torch.float64
@@ -247,3 +247,52 @@ def test_ilqr_mpc_swings_up_the_pendulum_env() -> None:
     ep = run_episode(spec.make(), ctrl, seed=0, max_steps=120)
     assert spec.dynamics.success(ep.obs[-1]), ep.obs[-1]
     assert ctrl.stats.plans == 120
+
+
+def _pendulum_problem(h: int) -> tuple[AnalyticSystem, PlanningProblem]:
+    system = SYSTEMS["pendulum"]()
+    return system, system_problem(system, h)
+
+
+def test_default_guess_keeps_a_near_upright_start_in_the_upright_basin() -> None:
+    """From near upright, zeros open loop fall and swing through a full turn, and iLQR polishes
+    that turn (the failure once reported as converged); the default guess (the regulator guess
+    here) stays upright and plans what LQR does."""
+    system, problem = _pendulum_problem(40)
+    x0 = torch.tensor([0.08217701, -0.13812797], dtype=F64)  # the study's stabilize start 0
+    zeros = ILQR(max_iterations=50).plan(problem, x0, WarmStart(torch.zeros(40, 1, dtype=F64)))
+    assert zeros.x_ref[:, 0].abs().max() > 6.0  # a full turn, ending upright wrapped
+    plan = ILQR(max_iterations=50).plan(problem, x0)
+    assert plan.status == "converged" and plan.diagnostics["regulator_guess"] == 1.0
+    assert plan.x_ref[:, 0].abs().max() <= x0[0].abs() + 1e-9  # never farther than at start
+    assert plan.diagnostics["cost"] < 0.01 * zeros.diagnostics["cost"]
+    lqr = LQR(goal=system.goal).plan(problem, x0)
+    assert plan.diagnostics["cost"] <= -lqr.expected_return + 1e-9  # the optimum, LQR's or better
+
+
+def test_hanging_at_rest_with_zero_torque_is_a_saddle_not_converged() -> None:
+    """Hanging at rest with zero torque the gradient is zero: the old solver stopped there as
+    "converged" on a do-nothing plan. With the caller's zeros the status is "saddle"; the
+    default guess steps off it along the negative curvature and swings up."""
+    system, problem = _pendulum_problem(80)
+    x0 = torch.tensor(system.start, dtype=F64)  # [pi, 0]
+    stuck = ILQR(max_iterations=100).plan(problem, x0, WarmStart(torch.zeros(80, 1, dtype=F64)))
+    assert stuck.status == "saddle" and not stuck.ok
+    assert stuck.diagnostics["cost"] == stuck.diagnostics["initial_cost"]  # did nothing
+    assert stuck.diagnostics["saddle_decrease"] > 0.0
+    plan = ILQR(max_iterations=200).plan(problem, x0)
+    assert plan.status == "converged" and plan.diagnostics["saddle_escapes"] >= 1
+    assert system.success(plan.x_ref[-1].numpy())  # swung up
+    assert plan.diagnostics["cost"] < 0.5 * stuck.diagnostics["cost"]
+    again = ILQR(max_iterations=200).plan(problem, x0)
+    assert torch.equal(again.actions, plan.actions)  # the perturbation is deterministic
+
+
+def test_a_minimum_met_after_indefinite_steps_is_not_called_a_saddle() -> None:
+    """The swing-up passes through negative curvature (backward failures), so its optimum is
+    checked, and it is a minimum: converged, with no saddle found."""
+    system, problem = _pendulum_problem(60)
+    warm = WarmStart(torch.full((60, 1), 1.0, dtype=F64))
+    plan = ILQR(max_iterations=200).plan(problem, torch.tensor(system.start, dtype=F64), warm)
+    assert plan.diagnostics["backward_failures"] >= 1
+    assert plan.status == "converged" and plan.diagnostics["saddle_decrease"] == 0.0
