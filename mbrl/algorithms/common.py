@@ -7,8 +7,10 @@ The config sections and their builders (ensemble, planner, learner) are in
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TextIO
 
 import torch
 from tqdm import tqdm
@@ -31,9 +33,60 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def progress_bar(total: int, desc: str) -> tqdm:
-    """A step progress bar (shown on terminals only)."""
-    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=not sys.stderr.isatty())
+def progress_bar(total: int, desc: str) -> tqdm | PlainProgress:
+    """Step progress on stderr: a bar on a terminal, plain log lines elsewhere (a log file, CI);
+    both take ``update(n)``, ``close()`` and ``with``."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit="step", leave=False)
+    return PlainProgress(total, desc)
+
+
+class PlainProgress:
+    """Progress as plain lines, ``desc: n/total steps (p%), r steps/s``, on ``stream``
+    (default stderr): one when ``every`` seconds have passed since the last, and a last one at
+    :meth:`close` if any was written (short stretches stay silent). ``clock`` gives seconds."""
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        stream: TextIO | None = None,
+        every: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total, self.desc, self.every, self.clock = total, desc, every, clock
+        self.stream = stream
+        self.n = 0
+        self.lines = 0
+        self._last_t, self._last_n = clock(), 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.clock() - self._last_t >= self.every:
+            self._line()
+
+    def close(self) -> None:
+        if self.lines and self.n != self._last_n:
+            self._line()
+
+    def _line(self) -> None:
+        now = self.clock()
+        rate = (self.n - self._last_n) / max(now - self._last_t, 1e-9)
+        pct = 100.0 * self.n / self.total if self.total else 100.0
+        stream = self.stream if self.stream is not None else sys.stderr
+        print(
+            f"{self.desc}: {self.n}/{self.total} steps ({pct:.0f}%), {rate:.1f} steps/s",
+            file=stream,
+            flush=True,
+        )
+        self.lines += 1
+        self._last_t, self._last_n = now, self.n
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,251 @@
+"""Evaluate a trained run: rebuild its agent from the run folder and play episodes with it.
+
+``mbrl eval runs/<name> [--episodes N] [--video out.gif|out.mp4]`` reads the run's
+``run.yaml`` (algorithm), ``config.yaml`` (the resolved config) and ``checkpoint.pt`` (with
+``weights_only=True``), and never writes into the folder:
+
+- MPC runs (PETS, GP-MPC): the fitted model of the last checkpoint, planned on by the run's
+  planner in one MPC controller, as in the run's trials;
+- Dyna and model-free runs (SAC, TD3, DDPG, NAF, MBPO, MVE, MBA): the learner's deterministic
+  policy, as in the run's evaluations.
+
+Episode ``i`` resets its env with seed ``seed + i``; the planner's generator is seeded with
+``seed``. The video records the first episode from the env's ``rgb_array`` rendering (MuJoCo
+envs need ``MUJOCO_GL=egl`` or ``osmesa`` without a display), written with imageio (the
+``video`` extra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import yaml
+
+from mbrl import algorithms, envs
+from mbrl.algorithms.common import resolve_device
+from mbrl.algorithms.dyna import DynaConfig, LearnerPolicy
+from mbrl.algorithms.factory import make_ensemble, make_learner, make_planner
+from mbrl.algorithms.mpc_loop import MPCRunConfig
+from mbrl.config import from_dict
+from mbrl.control import MPCController, Policy, run_episode
+from mbrl.dynamics.base import DynamicsModel
+from mbrl.extras import missing, require
+from mbrl.planners import PlanningProblem
+from mbrl.runs import CheckpointError, load_checkpoint_file
+
+VIDEO_SUFFIXES = (".gif", ".mp4")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Returns of the evaluation episodes of one run."""
+
+    run: Path
+    algo: str
+    env: str
+    returns: tuple[float, ...]  # [episodes]
+    lengths: tuple[int, ...]  # [episodes] steps of each episode
+    video: Path | None = None
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.returns))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.returns))
+
+    def text(self) -> str:
+        rets = ", ".join(f"{r:.1f}" for r in self.returns)
+        lines = [
+            f"{self.algo} on {self.env} ({self.run}): return {self.mean:.1f} +- {self.std:.1f} "
+            f"over {len(self.returns)} episodes [{rets}]"
+        ]
+        if self.video is not None:
+            lines.append(f"video: {self.video}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """What a run folder says about its run, read without writing to it."""
+
+    path: Path
+    algo: str
+    cfg: Any  # the algorithm's Config dataclass
+    parts: dict[str, dict]  # state dict of each part of the last checkpoint
+
+
+def load_run(path: str | Path) -> LoadedRun:
+    """Read ``run.yaml``, ``config.yaml`` and the last checkpoint of the run folder ``path``.
+
+    The checkpoint is ``checkpoint.pt``, else the newest ``checkpoint-<n>.pt``.
+
+    Raises:
+        ValueError: not a run folder.
+        CheckpointError: no checkpoint yet, or a corrupt one.
+    """
+    path = Path(path)
+    if not (path / "config.yaml").is_file() or not (path / "run.yaml").is_file():
+        raise ValueError(f"{path} is not a run folder (no config.yaml / run.yaml in it)")
+    meta = yaml.safe_load((path / "run.yaml").read_text()) or {}
+    algo = meta.get("algo")
+    try:
+        module = algorithms.get(str(algo))
+    except ModuleNotFoundError as e:
+        raise missing(e, f"evaluating a {algo} run") from None
+    cfg = from_dict(module.Config, yaml.safe_load((path / "config.yaml").read_text()) or {})
+    numbered = sorted(
+        (int(p.stem.split("-")[1]), p)
+        for p in path.glob("checkpoint-*.pt")
+        if p.stem.split("-")[1].isdigit()
+    )
+    ckpt = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else None
+    if ckpt is None and numbered:
+        ckpt = numbered[-1][1]
+    if ckpt is None:
+        raise CheckpointError(f"{path} has no checkpoint yet: nothing trained to evaluate")
+    state = load_checkpoint_file(ckpt)["state"]
+    parts = state.get("parts") if isinstance(state, dict) else None
+    if not isinstance(parts, dict):
+        raise CheckpointError(f"{ckpt} holds no parts (buffer, model, learner) to evaluate")
+    return LoadedRun(path, str(algo), cfg, parts)
+
+
+def build_policy(loaded: LoadedRun, spec: envs.EnvSpec, device: torch.device, seed: int) -> Policy:
+    """The run's agent as an env policy: MPC over the loaded model (MPC runs) or the loaded
+    learner's deterministic policy (Dyna and model-free runs).
+
+    Raises:
+        CheckpointError: the checkpoint lacks the fitted model or the learner.
+        ValueError: an algorithm this module does not know how to rebuild.
+    """
+    cfg, parts = loaded.cfg, loaded.parts
+    if isinstance(cfg, MPCRunConfig):
+        if "model" not in parts:
+            raise CheckpointError(
+                f"{loaded.path}: the checkpoint holds no fitted model yet (no MPC trial has "
+                f"finished); continue it with `mbrl resume {loaded.path}` first"
+            )
+        model = _mpc_model(loaded.algo, cfg, spec, device)
+        model.load_state_dict(parts["model"])
+        gen = torch.Generator(device=device).manual_seed(seed)
+        low, high = spec.action_bounds(device)
+        problem = PlanningProblem(
+            model, spec.reward_fn, spec.termination_fn, cfg.horizon, low, high, cfg.particles, gen
+        )
+        return MPCController(make_planner(cfg.planner), problem, cfg.replan_every, device)
+    if isinstance(cfg, DynaConfig):
+        if "learner" not in parts:
+            raise CheckpointError(f"{loaded.path}: the checkpoint holds no learner")
+        hidden = spec.position_obs if cfg.ignore_positions else ()
+        learner = make_learner(cfg.learner, spec, device, cfg.seed, hidden)
+        learner.load_state_dict(parts["learner"])
+        return LearnerPolicy(learner, deterministic=True)
+    raise ValueError(f"mbrl eval does not know how to rebuild a {loaded.algo} run's agent")
+
+
+def _mpc_model(
+    algo: str, cfg: MPCRunConfig, spec: envs.EnvSpec, device: torch.device
+) -> DynamicsModel:
+    """The (unfitted) model of an MPC run, built as its algorithm's ``train`` builds it."""
+    if algo == "gp-mpc":
+        from mbrl.algorithms.gp_mpc import build_model
+
+        return build_model(cfg, spec, device)
+    if algo == "pets":
+        hidden = spec.position_obs if cfg.ignore_positions else ()
+        return make_ensemble(cfg.model, spec, device, cfg.seed, hidden)
+    raise ValueError(f"mbrl eval does not know the model of a {algo} run")
+
+
+def evaluate_run(
+    path: str | Path,
+    episodes: int = 5,
+    seed: int = 0,
+    video: str | Path | None = None,
+    device: str = "cpu",
+) -> EvalResult:
+    """Play ``episodes`` episodes of the run's agent (see the module docstring).
+
+    Raises:
+        ValueError: ``episodes < 1`` or a video file name that is not .gif or .mp4.
+        MissingExtraError: a video without imageio (or imageio-ffmpeg for .mp4) installed.
+    """
+    if episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    writer = _video_writer(Path(video)) if video is not None else None
+    dev = resolve_device(device)
+    loaded = load_run(path)
+    spec = envs.make(loaded.cfg.env)
+    policy = build_policy(loaded, spec, dev, seed)
+    frames: list[np.ndarray] = []
+    fps = 30
+    env_action = spec.env_action if spec.discrete else None
+    returns, lengths = [], []
+    with torch.inference_mode():
+        for i in range(episodes):
+            if writer is not None and i == 0:
+                env: gym.Env = _Frames(spec.make(render_mode="rgb_array"), frames, spec.name)
+                fps = int(env.metadata.get("render_fps") or fps)
+            else:
+                env = spec.make()
+            try:
+                ep = run_episode(env, policy, seed=seed + i, env_action=env_action)
+            finally:
+                env.close()
+            returns.append(ep.ret)
+            lengths.append(len(ep))
+    out = writer(frames, fps) if writer is not None else None
+    return EvalResult(Path(path), loaded.algo, spec.name, tuple(returns), tuple(lengths), out)
+
+
+class _Frames(gym.Wrapper):
+    """Keeps ``env.render()`` after every reset and step."""
+
+    def __init__(self, env: gym.Env, frames: list[np.ndarray], name: str) -> None:
+        super().__init__(env)
+        self._frames, self._name = frames, name
+
+    def reset(self, **kwargs: Any) -> Any:
+        out = self.env.reset(**kwargs)
+        self._grab()
+        return out
+
+    def step(self, action: Any) -> Any:
+        out = self.env.step(action)
+        self._grab()
+        return out
+
+    def _grab(self) -> None:
+        try:
+            frame = self.env.render()
+        except gym.error.DependencyNotInstalled as e:
+            top = "pygame" if "pygame" in str(e) else None
+            raise missing(ModuleNotFoundError(str(e), name=top), f"rendering {self._name}") from e
+        self._frames.append(np.asarray(frame))
+
+
+def _video_writer(path: Path) -> Callable[[list[np.ndarray], int], Path]:
+    """A function writing frames to ``path``; the imports are checked now, before any episode."""
+    if path.suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"--video {path}: the file must end in .gif or .mp4")
+    imageio = require("imageio.v2", "writing a video")
+    if path.suffix == ".mp4":
+        require("imageio_ffmpeg", "writing an .mp4 video")
+
+    def write(frames: list[np.ndarray], fps: int) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".gif":
+            imageio.mimsave(path, frames, duration=1000.0 / fps, loop=0)
+        else:
+            imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
+        return path
+
+    return write
