@@ -39,8 +39,12 @@ import torch
 from mbrl.data import Episode, Sequences, Transitions
 from mbrl.shapes import check_shape
 
-BUFFER_FORMAT = 2
-"""Version of :meth:`ReplayBuffer.state_dict`; 2 is the episode-aware ring (no ``next_obs``)."""
+BUFFER_FORMAT = 3
+"""Version of :meth:`ReplayBuffer.state_dict`. 2 is the episode-aware ring (no ``next_obs``);
+3 writes copies of the stored rows, where 2 wrote slices that took the whole preallocated
+ring into a checkpoint (``torch.save`` writes a slice's whole storage). Both are read."""
+
+_READS = (2, 3)  # formats load_state_dict reads: the same fields
 
 _MIN_FINALS = 16  # episode-final observations allocated at first; the side store grows by 2x
 
@@ -414,9 +418,17 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict:
         """The stored rows, the episode finals and the cursor; tensors and ints only (safe for
-        ``weights_only`` loads), with ``version`` :data:`BUFFER_FORMAT`."""
+        ``weights_only`` loads), with ``version`` :data:`BUFFER_FORMAT`.
+
+        The tensors are copies of the first ``len(self)`` physical rows (``[n, ...]``), not
+        views of the preallocated ring, so a checkpoint grows with the data, not the capacity.
+        """
         n = self._size
         last = self.last[:n]
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", copy=True)
+
         return {
             "version": BUFFER_FORMAT,
             "capacity": self.capacity,
@@ -424,41 +436,41 @@ class ReplayBuffer:
             "next": self._next,
             "open": int(self._open),
             "episodes": self._episodes,
-            "obs": self.obs[:n].cpu(),
-            "act": self.act[:n].cpu(),
-            "reward": self.reward[:n].cpu(),
-            "terminated": self.terminated[:n].cpu(),
-            "truncated": self.truncated[:n].cpu(),
-            "last": last.cpu(),
-            "episode": self.episode[:n].cpu(),
-            "step": self.step[:n].cpu(),
-            "final_index": torch.where(last, self.final_index[:n] - self._lo, 0).cpu(),
-            "finals": self._finals[self._lo : self._hi].cpu(),
+            "obs": rows(self.obs[:n]),
+            "act": rows(self.act[:n]),
+            "reward": rows(self.reward[:n]),
+            "terminated": rows(self.terminated[:n]),
+            "truncated": rows(self.truncated[:n]),
+            "last": rows(last),
+            "episode": rows(self.episode[:n]),
+            "step": rows(self.step[:n]),
+            "final_index": rows(torch.where(last, self.final_index[:n] - self._lo, 0)),
+            "finals": rows(self._finals[self._lo : self._hi]),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` of a buffer with the same capacity and observations.
 
         Raises:
-            ValueError: a checkpoint of the older buffer format (``next_obs`` per row, no
-                episodes), another format version, another capacity or observation shape.
+            ValueError: a checkpoint of the oldest buffer format (``next_obs`` per row, no
+                episodes), a format other than 2 or 3, another capacity or observation shape.
         """
         if "version" not in state:
             if "next_obs" in state:
                 raise ValueError(
                     "this replay-buffer checkpoint comes from an older version of the buffer "
                     f"(format 1: a next_obs copy per row, no episode boundaries); this version "
-                    f"reads format {BUFFER_FORMAT} only and cannot recover the episodes it "
-                    "lacks. Start a new run (a new run folder) with this version"
+                    f"reads format {' or '.join(map(str, _READS))} only and cannot recover the "
+                    "episodes it lacks. Start a new run (a new run folder) with this version"
                 )
             raise ValueError(
                 f"not a replay-buffer state: keys {sorted(state)}, expected format "
                 f"{BUFFER_FORMAT} with a 'version' key"
             )
-        if state["version"] != BUFFER_FORMAT:
+        if state["version"] not in _READS:
             raise ValueError(
                 f"replay-buffer checkpoint has format {state['version']}, this version reads "
-                f"format {BUFFER_FORMAT}; start a new run with this version"
+                f"format {' or '.join(map(str, _READS))}; start a new run with this version"
             )
         if state["capacity"] != self.capacity:
             raise ValueError(

@@ -1,60 +1,119 @@
 """The ``mbrl`` command line.
 
 mbrl envs                                    list the env registry
+mbrl presets                                 list the preset configs
 mbrl run ALGO --env NAME [key=value ...]     train, writing runs/<name>/
+mbrl run ALGO --help                         every config key of ALGO, its default and meaning
 mbrl resume runs/<name>                      continue a killed run from its checkpoint
+mbrl eval runs/<name> [--video out.gif]      play the trained agent, print its mean return
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from mbrl import algorithms, envs
+from mbrl import __version__, algorithms, envs
 from mbrl.algorithms.common import resolve_device
-from mbrl.config import ConfigError, from_dict, load_config
-from mbrl.runs import CheckpointError, Run
+from mbrl.config import ConfigError, from_dict, load_config, to_dict
+from mbrl.envs.gym_env import folder_name
+from mbrl.runs import CheckpointError, Run, RunFolderError, never_started
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mbrl", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("envs", help="list the registered envs")
+    sub.add_parser("presets", help="list the preset configs (mbrl run ALGO --preset NAME)")
+    _add_eval_parser(sub)
 
-    run_p = sub.add_parser("run", help="train an algorithm, writing runs/<name>/")
-    run_p.add_argument("algo", help=f"one of: {', '.join(sorted(algorithms.ALGORITHMS))}")
-    run_p.add_argument("--env", help="registry name (see `mbrl envs`)")
+    run_p = sub.add_parser("run", help="train an algorithm, writing runs/<name>/", add_help=False)
+    run_p.add_argument(
+        "algo", nargs="?", help=f"one of: {', '.join(sorted(algorithms.ALGORITHMS))}"
+    )
+    run_p.add_argument("--env", help="registry name (see `mbrl envs`), or gym:ID (any gymnasium)")
     run_p.add_argument("--config", help="YAML file of config values (see experiments/)")
+    _add_run_options(run_p)
     run_p.add_argument("--seed", type=int, help="shorthand for seed=N")
     run_p.add_argument("--name", help="run folder name (default ALGO-ENV-seedN)")
     run_p.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
     run_p.add_argument("--device", default="cpu", help="cpu or cuda")
+    run_p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run folder if it exists (refused while a process writes it)",
+    )
+    run_p.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        metavar="K",
+        help="keep the K newest checkpoints (default 2), so a corrupt latest one is not the end",
+    )
+    run_p.add_argument(
+        "--keep-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also keep every N-th checkpoint, checkpoint-<multiple of N>.pt (default 0: none)",
+    )
     run_p.add_argument("overrides", nargs="*", help="config overrides key=value")
     run_p.set_defaults(overrides=[])
 
     res_p = sub.add_parser("resume", help="continue a run from its last checkpoint")
     res_p.add_argument("path", help="the run folder, runs/<name>")
     res_p.add_argument("--device", help="override the device the run was started with")
+    res_p.add_argument(
+        "--from",
+        dest="resume_from",
+        metavar="checkpoint-<n>.pt",
+        help="continue from this kept checkpoint instead of the latest (a corrupt latest one)",
+    )
 
     study_p = sub.add_parser("study", help="comparison studies")
     study_p.add_argument("kind", choices=["control"], help="control: the control-theory study")
-    study_p.add_argument("--system", required=True, help="linear, pendulum, cartpole or acrobot")
+    study_p.add_argument(
+        "--system",
+        required=True,
+        help="linear, pendulum, cartpole, acrobot, or module:function returning an "
+        "AnalyticSystem of one's own (e.g. my_pkg.systems:make_system)",
+    )
     study_p.add_argument("--initial-states", type=int, default=3, help="K initial states")
     study_p.add_argument("--horizon", type=int, help="planning horizon (per-system default)")
     study_p.add_argument("--steps", type=int, help="episode length (per-system default)")
     study_p.add_argument("--seed", type=int, default=0)
     study_p.add_argument("--methods", nargs="+", help="subset of lqr ilqr cem random_shooting nmpc")
+    study_p.add_argument(
+        "--option",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="METHOD.NAME=VALUE",
+        help="planner constructor options, e.g. ilqr.max_iterations=20 cem.population=300",
+    )
     study_p.add_argument("--name", help="run folder name (default study-control-SYSTEM)")
     study_p.add_argument("--runs-dir", default="runs")
 
-    plot_p = sub.add_parser("plot", help="learning curves of run folders on one axes")
+    plot_p = sub.add_parser(
+        "plot",
+        help="learning curves of run folders on one axes: per algorithm, the mean over runs "
+        "aligned on env steps with a bootstrap confidence band",
+    )
     plot_p.add_argument("paths", nargs="+", help="run folders, runs/<name>")
-    plot_p.add_argument("--out", required=True, help="PNG file to write")
+    plot_p.add_argument(
+        "--out", required=True, help="PNG file to write; the plotted numbers go to OUT.csv"
+    )
     plot_p.add_argument("--y", default="return", help="metrics.csv column (default return)")
     plot_p.add_argument("--x", default="env_steps", help="metrics.csv column (default env_steps)")
     plot_p.add_argument("--title", default="")
@@ -62,10 +121,19 @@ def main(argv: list[str] | None = None) -> int:
         "--threshold",
         type=float,
         default=None,
-        help="also report the first x at which y reaches this value",
+        help="draw this y and report each run's first logged x at which its y reaches it",
     )
     plot_p.add_argument(
         "--per-run", action="store_true", help="one curve per run, not a mean per algorithm"
+    )
+    plot_p.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        help="level of the bootstrap band of the mean over runs (default 0.95)",
+    )
+    plot_p.add_argument(
+        "--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)"
     )
 
     args, extra = parser.parse_known_args(argv)
@@ -76,7 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "envs":
             return _envs()
+        if args.command == "presets":
+            return _presets()
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "run":
+            if args.help or args.algo is None:
+                return _run_help(args, run_p)
+            _prepare_run(args)  # --preset, gym: env options
             return _run(args)
         if args.command == "resume":
             return _resume(args)
@@ -89,13 +164,21 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         ConfigError,
         CheckpointError,
-        FileExistsError,
+        RunFolderError,
+        OSError,
         RuntimeError,
     ) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"mbrl: error: {message}", file=sys.stderr)
+        print(f"mbrl: error: {_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mbrl: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _message(e: BaseException) -> str:
+    """An error's one-line message (a KeyError's own text, without the quotes)."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
 def _envs() -> int:
@@ -119,36 +202,88 @@ def _run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     cfg = load_config(module.Config, args.config, overrides)
-    resolve_device(args.device)  # before the run folder exists: a bad device writes nothing
-    name = args.name or f"{args.algo}-{cfg.env}-seed{cfg.seed}"
-    path = Path(args.runs_dir) / name
-    if (path / "checkpoint.pt").exists() or (path / "config.yaml").exists():
-        raise FileExistsError(
-            f"run folder {path} already exists; continue it with `mbrl resume {path}` "
-            f"or pick another --name"
+    if args.show_config:  # the resolved config only: nothing runs, no run folder
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    # everything is checked before the run folder exists: a refused value writes nothing
+    if args.env is None:
+        envs.make(cfg.env)  # the env of a --config file or the default
+    resolve_device(args.device)
+    keep, every = _keep_options(args.keep_checkpoints, args.keep_every)
+    name = args.name or f"{args.algo}-{folder_name(cfg.env)}-seed{cfg.seed}"
+    path = _run_folder(args.runs_dir, name, given=args.name is not None)
+    meta = {"algo": args.algo, "device": args.device, "keep_checkpoints": keep, "keep_every": every}
+    create = "overwrite" if args.overwrite else "new"  # "new" refuses a folder that exists
+    run = Run(path, cfg, meta, keep_checkpoints=keep, keep_every=every, create=create)
+    return _train(module, cfg, run, args.device, args.algo, fresh=True)
+
+
+def _run_folder(runs_dir: str, name: str, given: bool) -> Path:
+    """``runs_dir/name``, refusing a name that is not one folder name inside ``runs_dir``."""
+    seps = [s for s in ("/", "\\", os.sep, os.altsep) if s]
+    if not name or name in (".", "..") or any(s in name for s in seps) or Path(name).is_absolute():
+        what = f"--name {name!r}" if given else f"the run folder name {name!r}"
+        raise ValueError(
+            f"{what} must be one folder name inside --runs-dir (no '/', '\\', '..' or absolute "
+            "path); give the parent folder with --runs-dir and the name alone with --name"
         )
-    meta = {"algo": args.algo, "device": args.device}
-    fresh = not path.exists()
-    try:
-        return _train(module, cfg, Run(path, cfg, meta), args.device, args.algo)
-    except ConfigError:
-        # refused before any training: a folder this command made holds nothing to keep, and
-        # leaving it would block rerunning the fixed command under the same name
-        if fresh and not (path / "checkpoint.pt").exists():
-            shutil.rmtree(path, ignore_errors=True)
-        raise
+    return Path(runs_dir) / name
+
+
+def _keep_options(keep: int, every: int) -> tuple[int, int]:
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (keep, every))
+    if not ints or keep < 1 or every < 0:
+        raise ValueError(
+            f"--keep-checkpoints {keep} --keep-every {every}: keep at least 1 checkpoint "
+            "(--keep-checkpoints K >= 1) and every N-th with N >= 1 (0 keeps none extra)"
+        )
+    return keep, every
 
 
 def _resume(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if not (path / "config.yaml").exists() or not (path / "run.yaml").exists():
-        raise FileExistsError(f"{path} is not a run folder (no config.yaml / run.yaml in it)")
-    meta = yaml.safe_load((path / "run.yaml").read_text())
+    config, run_yaml = path / "config.yaml", path / "run.yaml"
+    if not config.exists() and not run_yaml.exists():
+        raise RunFolderError(
+            f"{path} is not a run folder (no config.yaml / run.yaml in it); pass the folder "
+            "`mbrl run` wrote, runs/<name>"
+        )
+    if not run_yaml.exists() and never_started(path):
+        raise RunFolderError(
+            f"{path} was never started (it was stopped while being made, before run.yaml was "
+            "written): run its `mbrl run` command again, which takes the folder over"
+        )
+    meta = _read_mapping(run_yaml, "the run's algorithm and device")
+    if not isinstance(meta.get("algo"), str):
+        raise RunFolderError(
+            f"{run_yaml} names no algorithm (an `algo: NAME` line); put it back, e.g. `algo: pets`"
+        )
     module = algorithms.get(meta["algo"])
-    cfg = from_dict(module.Config, yaml.safe_load((path / "config.yaml").read_text()) or {})
+    try:
+        cfg = from_dict(module.Config, _read_mapping(config, "the run's resolved config"))
+    except ConfigError as e:
+        raise ConfigError(f"{config}: {e}") from None
     device = args.device or meta.get("device", "cpu")
     resolve_device(device)
-    return _train(module, cfg, Run(path, cfg), device, meta["algo"])
+    keep, every = _keep_options(meta.get("keep_checkpoints", 2), meta.get("keep_every", 0))
+    run = Run(path, cfg, keep_checkpoints=keep, keep_every=every, resume_from=args.resume_from)
+    return _train(module, cfg, run, device, meta["algo"])
+
+
+def _read_mapping(path: Path, holds: str) -> dict:
+    """The YAML mapping in a run folder's ``path`` (which holds ``holds``)."""
+    fix = "put it back (a copy of it), or start the run over with its `mbrl run` command and "
+    fix += "--overwrite"
+    if not path.exists():
+        raise RunFolderError(f"{path} is missing; resuming needs it ({holds}): {fix}")
+    try:
+        value = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise RunFolderError(f"{path} is not valid YAML ({first}): {fix}") from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} does not hold a mapping of keys ({holds}): {fix}")
+    return value
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -160,34 +295,50 @@ def _plot(args: argparse.Namespace) -> int:
             raise ValueError(f"{p} has no metrics.csv; pass run folders (runs/<name>)")
         label = p.name if args.per_run else (run_algo(p) or p.name).upper()
         groups.setdefault(label, []).append(p / "metrics.csv")
-    out = grouped_curves(groups, Path(args.out), x=args.x, y=args.y, title=args.title)
-    print(summary_table(groups, x=args.x, y=args.y, threshold=args.threshold))
-    print(f"plot: {out}")
+    if not 0.0 < args.confidence < 1.0:
+        raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}; e.g. 0.95")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    table = summary_table(groups, x=args.x, y=args.y, threshold=args.threshold)
+    grouped_curves(
+        groups,
+        out,
+        x=args.x,
+        y=args.y,
+        title=args.title,
+        target=args.threshold,
+        confidence=args.confidence,
+        seed=args.bootstrap_seed,
+    )
+    print(table)
+    print(f"plot: {out}\nplotted numbers: {out.with_suffix('.csv')}")
     return 0
 
 
 def _study(args: argparse.Namespace) -> int:
     import torch
 
-    from mbrl.control.study import METHODS, run_study
-    from mbrl.envs.systems import SYSTEMS
+    from mbrl.control.study import METHODS, load_system, parse_planner_options, run_study
 
-    if args.system not in SYSTEMS:
-        raise KeyError(f"unknown system {args.system!r}; valid names: {', '.join(SYSTEMS)}")
+    system = load_system(args.system)  # a built-in name, or the AnalyticSystem of module:function
     methods = tuple(args.methods or METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise KeyError(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
+    options = parse_planner_options(args.option)
     torch.set_num_threads(1)  # many tiny solves: threads only add synchronisation
-    out = Path(args.runs_dir) / (args.name or f"study-control-{args.system}")
+    label = system if isinstance(system, str) else system.name
+    out = Path(args.runs_dir) / (args.name or f"study-control-{label}")
     result = run_study(
-        args.system,
+        system,
         out,
         num_initial_states=args.initial_states,
         horizon=args.horizon,
         episode_steps=args.steps,
         seed=args.seed,
         methods=methods,
+        planner_options=options,
     )
     print((out / "results.md").read_text())
     print(f"table: {out / 'results.csv'}\nplots: {out}/*.png")
@@ -195,14 +346,196 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(module, cfg, run: Run, device: str, algo: str) -> int:
+def _train(module, cfg, run: Run, device: str, algo: str, fresh: bool = False) -> int:
+    """Train (or resume) ``run``; 130 after a Ctrl-C, saying where a resume continues.
+
+    A refusal before anything was written removes the folder when this command made it
+    (``fresh``), so the corrected command can run under the same name; on a folder that holds
+    no checkpoint yet the message says how to start over."""
+    from mbrl.algorithms.loop import Stopped
+
     print(f"{algo} on {cfg.env}, seed {cfg.seed}: writing {run.path}", flush=True)
     try:
-        summary = module.train(cfg, run, device=device)
+        with _ctrl_c_stops_at_checkpoint(run):
+            summary = module.train(cfg, run, device=device)
+    except KeyboardInterrupt as e:
+        how = "stopped" if isinstance(e, Stopped) else "interrupted"
+        lost = "" if isinstance(e, Stopped) else " (the work since it is lost)"
+        print(
+            f"mbrl: {how}; {run.latest_checkpoint_text()}{lost}; continue with "
+            f"`mbrl resume {run.path}`",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
+    except (KeyError, ValueError, RuntimeError) as e:
+        if run.has_checkpoint or isinstance(e, RunFolderError | CheckpointError):
+            raise
+        if fresh and not run.metrics():
+            shutil.rmtree(run.path, ignore_errors=True)  # nothing in it to keep
+            raise
+        raise RunFolderError(
+            f"{_message(e)}; {run.path} holds no checkpoint yet, so nothing is lost by "
+            "starting over: fix the value and rerun its `mbrl run` command with --overwrite"
+        ) from e
     finally:
         run.close()
     print(summary.text(f"{algo} on {cfg.env}"))
     print(f"metrics: {run.metrics_path}\nplot: {run.path / 'learning_curve.png'}")
+    return 0
+
+
+@contextmanager
+def _ctrl_c_stops_at_checkpoint(run: Run) -> Iterator[None]:
+    """While training: the first Ctrl-C (SIGINT) asks ``run`` to stop at its next checkpoint
+    (:func:`mbrl.algorithms.loop.stop_if_requested`); a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+
+    def first(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        run.request_stop()
+        print(
+            "\nmbrl: Ctrl-C: the run stops at its next checkpoint (the end of this trial or "
+            "epoch); press Ctrl-C again to stop now, losing the work since the latest checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
+# -- run options, presets, eval ---------------------------------------------------------------
+
+
+def _add_run_options(run_p: argparse.ArgumentParser) -> None:
+    """The options of ``mbrl run`` besides the run's own (help, presets, gym: envs)."""
+    run_p.add_argument(
+        "-h", "--help", action="store_true", help="this help and every config key of ALGO"
+    )
+    run_p.add_argument("--preset", help="a preset config by name (see `mbrl presets`)")
+    run_p.add_argument(
+        "--show-config",
+        action="store_true",
+        help="print the resolved config (YAML) and stop: nothing runs, no run folder",
+    )
+    gym_opts = run_p.add_argument_group("gym:ID envs (any gymnasium env)")
+    gym_opts.add_argument(
+        "--reward", help="module:function, the batched torch reward(obs, act, next_obs) -> [B]"
+    )
+    gym_opts.add_argument(
+        "--termination", help="module:function, termination(next_obs) -> bool [B]"
+    )
+    gym_opts.add_argument(
+        "--wrapper",
+        action="append",
+        default=[],
+        help="a gymnasium.wrappers class taking only the env (ClipAction ...); repeatable",
+    )
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    eval_p = sub.add_parser("eval", help="play a trained run's agent, print its mean return")
+    eval_p.add_argument("path", help="the run folder, runs/<name>")
+    eval_p.add_argument("--episodes", type=int, default=5, help="episodes to play (default 5)")
+    eval_p.add_argument("--seed", type=int, default=0, help="episode i resets with seed + i")
+    eval_p.add_argument("--video", help="write the first episode to this .gif or .mp4 file")
+    eval_p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def _run_help(args: argparse.Namespace, run_p: argparse.ArgumentParser) -> int:
+    """``mbrl run [ALGO] --help``: the options, then ALGO's config keys."""
+    if args.algo is None and not args.help:
+        run_p.error("the following arguments are required: algo")
+    print(run_p.format_help())
+    if args.algo is None:
+        print("`mbrl run ALGO --help` also lists every config key of ALGO.")
+        return 0
+    from mbrl.config_help import help_text
+
+    module = _algorithm(args.algo)
+    print(
+        f"config keys of {args.algo} (key=value after the options, or in a --config or "
+        f"--preset YAML file; nested keys are dotted):\n"
+    )
+    print(help_text(module.Config))
+    return 0
+
+
+def _algorithm(name: str):
+    """The algorithm's module; a missing optional dependency names its extra."""
+    from mbrl.extras import missing
+
+    try:
+        return algorithms.get(name)
+    except ModuleNotFoundError as e:
+        raise missing(e, name) from None
+
+
+def _prepare_run(args: argparse.Namespace) -> None:
+    """Turn ``--preset`` into ``--config`` and the gym: options into the env name."""
+    from mbrl import presets
+    from mbrl.algorithms.mpc_loop import MPCRunConfig
+    from mbrl.envs import gym_env
+
+    module = _algorithm(args.algo)
+    if args.preset is not None:
+        if args.config is not None:
+            raise ValueError("give --preset or --config, not both")
+        preset = presets.get(args.preset)
+        if preset.algorithm != args.algo:
+            raise ValueError(
+                f"preset {preset.name} is for {preset.algorithm}, not {args.algo}: "
+                f"`mbrl run {preset.algorithm} --preset {preset.name}`"
+            )
+        args.config = str(preset.path)
+    given = {"--reward": args.reward, "--termination": args.termination}
+    given["--wrapper"] = args.wrapper or None
+    if any(v is not None for v in given.values()):
+        if args.env is None or not gym_env.is_gym_name(args.env):
+            used = ", ".join(k for k, v in given.items() if v is not None)
+            raise ValueError(f"{used} go with --env gym:ID (a gymnasium env); got --env {args.env}")
+        parts = gym_env.GymEnvName.parse(args.env)
+        args.env = gym_env.gym_name(
+            parts.env_id,
+            reward=args.reward or parts.reward,
+            termination=args.termination or parts.termination,
+            wrappers=(*parts.wrappers, *args.wrapper),
+            max_episode_steps=parts.max_episode_steps,
+        )
+    if args.env is not None and gym_env.is_gym_name(args.env):
+        no_reward = gym_env.GymEnvName.parse(args.env).reward is None
+        if no_reward and issubclass(module.Config, MPCRunConfig):
+            raise ValueError(
+                f"{args.algo} plans with the env's reward function, and --env {args.env} has "
+                "none: pass --reward module:function (a batched torch reward(obs, act, "
+                "next_obs) -> [B])"
+            )
+
+
+def _presets() -> int:
+    from mbrl import presets
+
+    found = presets.presets()
+    width = max((len(p.name) for p in found), default=0)
+    for p in found:
+        print(f"{p.name:<{width}}  {p.algorithm:<7} {p.summary}")
+    print(f"\nrun one with `mbrl run ALGO --preset NAME`; the files are in {presets.folder()}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mbrl.evaluate import evaluate_run
+
+    result = evaluate_run(
+        args.path, episodes=args.episodes, seed=args.seed, video=args.video, device=args.device
+    )
+    print(result.text())
     return 0
 
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -22,9 +22,25 @@ from tqdm import tqdm
 from mbrl import envs
 from mbrl.algorithms import loop
 from mbrl.algorithms.common import Summary, progress_bar, resolve_device
-from mbrl.algorithms.factory import EnsembleConfig, LearnerConfig, make_ensemble, make_learner
+from mbrl.algorithms.factory import (
+    EnsembleConfig,
+    LearnerConfig,
+    check_env,
+    config_fit,
+    make_ensemble,
+    make_learner,
+)
 from mbrl.buffer import ReplayBuffer
-from mbrl.config import ConfigError
+from mbrl.config import (
+    ConfigError,
+    Count,
+    Natural,
+    Positive,
+    ProperFraction,
+    Range,
+    Seed,
+    check_ranges,
+)
 from mbrl.control.mpc import run_episode
 from mbrl.dynamics.base import DynamicsModel
 from mbrl.imagination import (
@@ -63,21 +79,22 @@ class DynaConfig:
 
     env: str = "pendulum"
     """Registry name of the env (``mbrl envs`` lists them)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seeds networks, model, env resets, random actions and batch sampling."""
-    total_steps: int = 10_000
+    total_steps: Count = 10_000
     """Env steps of the whole run."""
-    epoch_length: int = 1000
+    epoch_length: Count = 1000
     """Env steps per epoch: one evaluation, metrics row and checkpoint per epoch."""
-    start_steps: int = 1000
-    """Uniform random actions before the learner acts (and before any update)."""
-    updates_per_step: int = 1
+    start_steps: Natural = 1000
+    """Uniform random actions before the learner acts (and before any update); fewer than
+    total_steps."""
+    updates_per_step: Count = 1
     """G, learner updates per env step."""
-    buffer_capacity: int = 1_000_000
+    buffer_capacity: Count = 1_000_000
     """Most real transitions kept."""
-    eval_episodes: int = 5
+    eval_episodes: Count = 5
     """Deterministic-policy episodes at the end of each epoch."""
-    q_limit: float = 1e6
+    q_limit: Positive = 1e6
     """Stop with an error when |Q| exceeds this (a diverging critic)."""
     ignore_positions: bool = True
     """Learner and model do not read the env's position features (``EnvSpec.position_obs``:
@@ -86,15 +103,17 @@ class DynaConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
+        check_env(self.env)
         if self.learner.name not in self.learners:
             raise ConfigError(
                 f"{self.label} does not run learner.name={self.learner.name!r}; valid: "
                 f"{', '.join(self.learners)}"
             )
-        if self.total_steps < 1 or self.epoch_length < 1 or self.updates_per_step < 0:
+        if self.start_steps >= self.total_steps:
             raise ConfigError(
-                "need total_steps >= 1, epoch_length >= 1, updates_per_step >= 0; got "
-                f"{self.total_steps}, {self.epoch_length}, {self.updates_per_step}"
+                f"start_steps={self.start_steps} is not below total_steps={self.total_steps}, "
+                "so the learner would never act or update; lower start_steps or raise total_steps"
             )
 
 
@@ -113,10 +132,7 @@ class ModelBasedConfig(DynaConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         m = self.model
-        if m.train_every < 1:
-            raise ConfigError(
-                f"model.train_every={m.train_every}: refit the model every n >= 1 env steps"
-            )
+        m.check("model")
         if m.propagation not in DYNA_PROPAGATIONS:
             raise ConfigError(
                 f"model.propagation={m.propagation!r} is not offered for Dyna rollouts, which "
@@ -124,39 +140,49 @@ class ModelBasedConfig(DynaConfig):
             )
         rows = int(min(self.start_steps, self.buffer_capacity) * (1 - m.val_fraction))
         if rows < m.batch_size:
-            raise ConfigError(
-                f"the first model fit (after start_steps={self.start_steps}) has about {rows} "
-                f"training rows, fewer than model.batch_size={m.batch_size}; raise start_steps "
-                "or lower model.batch_size"
+            kept = (
+                f", buffer_capacity={self.buffer_capacity}"
+                if self.buffer_capacity < self.start_steps
+                else ""
             )
+            raise ConfigError(
+                f"the first model fit (after start_steps={self.start_steps}{kept}, "
+                f"model.val_fraction={m.val_fraction:g} held out) has about {rows} training "
+                f"rows, fewer than model.batch_size={m.batch_size}; raise start_steps or lower "
+                "model.batch_size"
+            )
+
+
+_EVERY = "branch every n >= 1 env steps, or leave it unset (null) to branch after each model fit"
 
 
 @dataclass
 class BranchConfig:
     """Branched rollouts into the model buffer (MBPO, MBA)."""
 
-    rollout_batch_size: int = 100_000
+    rollout_batch_size: Count = 100_000
     """Rollouts started at each branching (MBPO: 400 per env step x 250)."""
-    rollout_every: int | None = None
+    rollout_every: Annotated[int, Range(1, fix=_EVERY)] | None = None
     """Env steps between branchings; None branches once after each model fit
     (``model.train_every``). Branching more often keeps the imagined actions close to the
     current policy (MBPO's Algorithm 2 branches at every env step)."""
-    min_epoch: int = 20
+    min_epoch: Natural = 20
     """Rollout length is min_length up to this epoch ..."""
-    max_epoch: int = 100
+    max_epoch: Natural = 100
     """... and grows linearly to max_length at this epoch."""
-    min_length: int = 1
+    min_length: Count = 1
     """Shortest rollout length k."""
-    max_length: int = 1
+    max_length: Count = 1
     """Longest rollout length k."""
-    retain_epochs: int = 1
+    retain_epochs: Count = 1
     """Epochs of rollouts the model buffer keeps."""
-    real_ratio: float = 0.05
-    """Share of real transitions in each learner batch."""
+    real_ratio: ProperFraction = 0.05
+    """Share of real transitions in each learner batch (below 1: all-real batches would make
+    the run its model-free learner)."""
     policy: Literal["explore", "uniform"] = "explore"
     """Actions of the imagined steps: ``explore``, the learner's exploration policy (MBPO);
     ``uniform``, uniform in the action box, imagined transitions off the policy everywhere."""
-    stop_after: int | None = None
+    stop_after: Natural | None = None
     """Env steps after which imagination stops: no more model fits or branchings, and learner
     batches are all real. Imagination is there to speed up learning while real data is scarce;
     later the model's errors can only cost a learner with enough real data. None imagines to
@@ -176,10 +202,12 @@ class BranchingConfig(ModelBasedConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         b = self.branch
-        if b.rollout_every is not None and b.rollout_every < 1:
+        n, real = self.learner.batch_size, round(self.learner.batch_size * b.real_ratio)
+        if real == n or (real == 0 and b.real_ratio > 0):
+            what = "no imagined" if real == n else "no real"
             raise ConfigError(
-                f"branch.rollout_every={b.rollout_every}: branch every n >= 1 env steps, or "
-                "leave it unset (null) to branch after each model fit"
+                f"branch.real_ratio={b.real_ratio:g} of learner.batch_size={n} leaves {what} "
+                "transition in a learner batch; change either (real_ratio=0 is all imagined)"
             )
         if b.stop_after is not None and b.stop_after <= self.start_steps:
             raise ConfigError(
@@ -197,7 +225,7 @@ class BranchingConfig(ModelBasedConfig):
 class MVEConfig:
     """Model-based value expansion (MVE)."""
 
-    horizon: int = 10
+    horizon: Count = 10
     """H, imagined steps in each value-expansion target."""
     explore: bool = False
     """Imagine under the exploration policy (the learner's action noise) instead of the
@@ -228,15 +256,25 @@ def imagined_policy(cfg: MVEConfig) -> ImaginedPolicy:
 # ----------------------------------------------------------------------------- the run
 
 
-def check_learner_stats(stats: dict[str, float], q_limit: float) -> None:
-    """Raise :class:`DivergenceError` if ``q_loss`` or ``q_abs_max`` is NaN/inf or
-    ``q_abs_max > q_limit`` (a diverging critic)."""
-    q_loss, q = stats.get("q_loss", 0.0), stats.get("q_abs_max", 0.0)
-    if not (math.isfinite(q_loss) and math.isfinite(q)) or q > q_limit:
+def check_learner_stats(
+    stats: dict[str, float], q_limit: float, learner: LearnerConfig | None = None
+) -> None:
+    """Raise :class:`DivergenceError` if a statistic of one update is NaN/inf (but a NaN
+    ``actor_loss``: TD3 reports NaN before its first delayed actor update) or ``q_abs_max >
+    q_limit`` (a diverging critic). The message names the config keys to change, with their
+    values when ``learner`` (the run's ``learner`` section) is given."""
+    q = stats.get("q_abs_max", 0.0)
+    bad = {k: v for k, v in stats.items() if not math.isfinite(v)}
+    if math.isnan(bad.get("actor_loss", 0.0)):
+        del bad["actor_loss"]  # TD3 before its first delayed actor update
+    if bad or q > q_limit:
+        shown = {"q_loss": stats.get("q_loss", 0.0), "q_abs_max": q, **bad}
+        values = ", ".join(f"{k}={v:.3g}" for k, v in shown.items())
+        lr = f" (now {learner.lr:g})" if learner else ""
+        tau = f" (now {learner.tau:g})" if learner else ""
         raise DivergenceError(
-            f"the learner diverged: q_loss={q_loss:.3g}, q_abs_max={q:.3g} (limit {q_limit:g}); "
-            "lower the learning rate, slow the target networks (smaller tau), or shorten "
-            "model rollouts"
+            f"the learner diverged: {values} (q_limit={q_limit:g}); lower learner.lr{lr}, slow "
+            f"the target networks (smaller learner.tau{tau}), or shorten model rollouts"
         )
 
 
@@ -381,13 +419,13 @@ class DynaRun:
 
     def fit(self, model: DynamicsModel) -> None:
         """Refit ``model`` on every real transition (its own generator draws the splits)."""
-        with self.watch("fit"):
+        with self.watch("fit"), config_fit(self.cfg, "model"):
             report = model.fit(self.buffer.all(), None)  # the model's own generator
         self.fit_train, self.fit_val = report.final_train_loss, report.best_val_loss
 
     def record(self, stats: dict[str, float]) -> None:
         """Check one learner update's statistics (:func:`check_learner_stats`), keep them."""
-        check_learner_stats(stats, self.cfg.q_limit)
+        check_learner_stats(stats, self.cfg.q_limit, self.cfg.learner)
         for k, v in stats.items():
             self.stats.setdefault(k, []).append(v)
 
@@ -396,7 +434,8 @@ class DynaRun:
         return self.env_steps % self.cfg.epoch_length == 0 or self.env_steps == self.cfg.total_steps
 
     def end_epoch(self, model_buffer: int | str = "", mve_horizon: int | str = "") -> None:
-        """Evaluate the deterministic policy, log the epoch's row, checkpoint."""
+        """Evaluate the deterministic policy, log the epoch's row, checkpoint (and stop there
+        when the run was asked to: :func:`~mbrl.algorithms.loop.stop_if_requested`)."""
         cfg = self.cfg
         seed = 10**9 + cfg.seed * 100_003 + self.env_steps
         ret = evaluate(self.eval_env, self.learner, cfg.eval_episodes, seed)
@@ -421,6 +460,7 @@ class DynaRun:
             "rollout_seconds": self.watch.seconds["rollout"],
             "update_seconds": self.watch.seconds["update"],
             "wall_seconds": wall,
+            **self.run.checkpoint_columns(),  # of the checkpoint before this row
         }
         self.run.log(**row)
         modelled = "model" in self.parts
@@ -434,6 +474,7 @@ class DynaRun:
         self.stats, self.train_returns = {}, []
         self.watch.reset()
         self.checkpoint()
+        loop.stop_if_requested(self.run)  # a Ctrl-C since the last checkpoint stops the run here
 
     def summary(self) -> Summary:
         counters = loop.Counters(wall_seconds=self.watch.wall_seconds, returns=tuple(self.evals))

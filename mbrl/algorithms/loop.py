@@ -7,6 +7,10 @@ A :class:`Checkpoint` holds the run's :class:`Counters`, the state dict of every
 generator. :func:`checkpoint_of` is the one function that builds it and :func:`resume` the one
 that reads it back; on disk it is plain tensors, numbers, strings, lists and dicts, read with
 ``torch.load(weights_only=True)``.
+
+A loop calls :func:`stop_if_requested` right after each checkpoint: when the run was asked to
+stop (:meth:`mbrl.runs.Run.request_stop`, the CLI's first Ctrl-C) it raises :class:`Stopped`
+there, so the run ends on a checkpoint and resumes exactly.
 """
 
 from __future__ import annotations
@@ -140,6 +144,20 @@ def resume(
         g.set_state(ckpt.generators[name])
     set_numpy_rng_state(rng, dict(ckpt.numpy_rng))
     return ckpt.counters
+
+
+class Stopped(KeyboardInterrupt):
+    """The run stopped on request right after writing a checkpoint."""
+
+
+def stop_if_requested(run: Run) -> None:
+    """Raise :class:`Stopped` when ``run`` was asked to stop; call it right after a checkpoint.
+
+    Raises:
+        Stopped: ``run.stop_requested`` is set.
+    """
+    if run.stop_requested:
+        raise Stopped(f"stopped on request; {run.latest_checkpoint_text()}")
 
 
 class Stopwatch:

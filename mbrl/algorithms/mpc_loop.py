@@ -26,7 +26,9 @@ from tqdm import tqdm
 from mbrl import envs
 from mbrl.algorithms import loop
 from mbrl.algorithms.common import Summary, progress_bar, resolve_device
+from mbrl.algorithms.factory import check_env, config_fit
 from mbrl.buffer import ReplayBuffer
+from mbrl.config import ConfigError, Count, Natural, Seed, check_ranges
 from mbrl.control import MPCController, RandomPolicy, run_episode
 from mbrl.dynamics.base import DynamicsModel, FitReport
 from mbrl.planners import PlanningProblem
@@ -44,24 +46,45 @@ class MPCRunConfig:
 
     env: str = "cartpole-balance"
     """Registry name of the env (``mbrl envs`` lists them)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seeds the env resets, the model, the planner and the random episodes."""
-    trials: int = 5
-    """MPC episodes after the random ones (at most; see stop_when_solved)."""
-    seed_steps: int = 0
-    """Random-action transitions collected before the first trial."""
-    random_episodes: int = 0
-    """Random-action episodes collected before the first trial (both minimums must be met)."""
-    horizon: int = 15
+    trials: Natural = 5
+    """MPC episodes after the random ones (at most; see stop_when_solved; 0 collects the random
+    data only)."""
+    seed_steps: Natural = 0
+    """Random-action transitions collected before the first trial (at most buffer_capacity)."""
+    random_episodes: Natural = 1
+    """Random-action episodes collected before the first trial (both minimums must be met, and
+    one of them must be > 0: the first fit needs data)."""
+    horizon: Count = 15
     """Planning horizon H."""
-    particles: int = 1
+    particles: Count = 1
     """Particles P per candidate."""
-    replan_every: int = 1
-    """Plan every k env steps."""
-    buffer_capacity: int = 1_000_000
+    replan_every: Count = 1
+    """Plan every k env steps (k <= horizon: a plan holds H actions)."""
+    buffer_capacity: Count = 1_000_000
     """Most real transitions kept."""
-    stop_when_solved: int = 0
+    stop_when_solved: Natural = 0
     """Stop after this many consecutive solved trials (0: run every trial)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        check_env(self.env)
+        if self.seed_steps == 0 and self.random_episodes == 0:
+            raise ConfigError(
+                "seed_steps=0 and random_episodes=0 leave the first model fit without data; "
+                "set seed_steps or random_episodes >= 1"
+            )
+        if self.seed_steps > self.buffer_capacity:
+            raise ConfigError(
+                f"seed_steps={self.seed_steps} exceeds buffer_capacity={self.buffer_capacity}, "
+                "so the random phase would never end; lower seed_steps or raise buffer_capacity"
+            )
+        if self.replan_every > self.horizon:
+            raise ConfigError(
+                f"replan_every={self.replan_every} exceeds horizon={self.horizon}: a plan holds "
+                "H actions; lower replan_every or raise horizon"
+            )
 
 
 def train_mpc(
@@ -121,6 +144,7 @@ def train_mpc(
             returns=tuple(returns),
         )
         loop.save(run, loop.checkpoint_of(counters, parts, generators, rng))
+        loop.stop_if_requested(run)  # a Ctrl-C since the last checkpoint stops the run here
 
     def log(ep, report: FitReport | None, plan_seconds: float, nonfinite: int) -> None:
         extra = dict(fit_metrics(report)) if report is not None and fit_metrics else {}
@@ -135,6 +159,7 @@ def train_mpc(
             plan_seconds_per_step=plan_seconds,
             nonfinite=nonfinite,
             wall_seconds=watch.wall_seconds,
+            **run.checkpoint_columns(),  # of the checkpoint before this row
             **{c: extra.get(c, "") for c in extra_columns},
         )
 
@@ -156,7 +181,8 @@ def train_mpc(
     stop = cfg.stop_when_solved
     while trial < trials and not (stop and streak >= stop):
         watch.start()
-        report = model.fit(buffer.all(), fit_gen)
+        with config_fit(cfg, "model"):
+            report = model.fit(buffer.all(), fit_gen)
         controller.reset_stats()
         with progress_bar(spec.max_episode_steps, f"trial {trial + 1}/{trials}") as bar:
             ep = run_episode(
