@@ -52,5 +52,11 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+        try:
+            module = import_module(_LAZY[name])
+        except ModuleNotFoundError as e:  # gpytorch is the ``gp`` extra: say how to install it
+            from mbrl.extras import missing
+
+            raise missing(e, f"mbrl.dynamics.{name}") from None
+        return getattr(module, name)
     raise AttributeError(f"module 'mbrl.dynamics' has no attribute {name!r}")

@@ -287,6 +287,16 @@ def test_gp_mpc_without_gpytorch_names_the_extra(tmp_path, monkeypatch, capsys):
     assert "gp-mpc needs gpytorch: pip install 'torch-mbrl[gp]'" in capsys.readouterr().err
 
 
+def test_gp_model_import_without_gpytorch_names_the_extra(monkeypatch):
+    import mbrl.dynamics
+    from mbrl.extras import MissingExtraError
+
+    monkeypatch.delitem(sys.modules, "mbrl.dynamics.gp", raising=False)
+    monkeypatch.setitem(sys.modules, "gpytorch", None)
+    with pytest.raises(MissingExtraError, match=r"needs gpytorch: pip install 'torch-mbrl\[gp\]'"):
+        mbrl.dynamics.GaussianProcessModel  # noqa: B018
+
+
 # -- progress -------------------------------------------------------------------------------------
 
 
