@@ -29,6 +29,7 @@ from mbrl import envs
 from mbrl.algorithms.common import Summary, resolve_device
 from mbrl.algorithms.factory import PlannerConfig, make_planner
 from mbrl.algorithms.mpc_loop import MPCRunConfig, train_mpc
+from mbrl.config import ConfigError, Count, Natural, Positive, ProperFraction
 from mbrl.dynamics.base import FitReport
 from mbrl.dynamics.gp import GaussianProcessModel
 from mbrl.runs import Run
@@ -40,19 +41,19 @@ class GPConfig:
 
     kernel: Literal["rbf", "matern"] = "rbf"
     """rbf (ARD squared exponential) or matern (ARD Matern 5/2)."""
-    max_exact_points: int = 2000
+    max_exact_points: Natural = 2000
     """Largest number of transitions fitted by the exact GP; SGPR above."""
-    inducing_points: int = 128
+    inducing_points: Count = 128
     """Inducing points of the sparse GP (k-means initialised)."""
-    iterations: int = 100
+    iterations: Count = 100
     """Marginal-likelihood optimiser iterations per fit."""
     optimizer: Literal["adam", "lbfgs"] = "adam"
     """adam or lbfgs."""
-    lr: float = 0.1
+    lr: Positive = 0.1
     """Optimiser step size."""
-    val_fraction: float = 0.0
+    val_fraction: ProperFraction = 0.0
     """Held-out share for a validation NLL per iteration (0: none, all data used)."""
-    love_rank: int = 100
+    love_rank: Count = 100
     """Rank of the LOVE predictive-variance cache of the exact GP."""
     propagation: Literal["expectation", "sample"] = "expectation"
     """expectation (GP mean, no sampling) or sample (one Gaussian draw per particle and step)."""
@@ -68,16 +69,25 @@ class Config(MPCRunConfig):
     """
 
     env: str = "pendulum"
-    trials: int = 2
-    random_episodes: int = 1
-    horizon: int = 20
-    buffer_capacity: int = 100_000
+    trials: Natural = 2
+    random_episodes: Natural = 1
+    horizon: Count = 20
+    buffer_capacity: Count = 100_000
     model: GPConfig = field(default_factory=GPConfig)
     planner: PlannerConfig = field(
         default_factory=lambda: PlannerConfig(population=200, iterations=3)
     )
     """The planner: cem (default), icem, random, mppi, or ilqr on the GP mean
     (``planner.max_iterations``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model.propagation == "expectation" and self.particles > 1:
+            raise ConfigError(
+                f"particles={self.particles} with model.propagation=expectation rolls out "
+                f"{self.particles} identical mean trajectories; set particles=1, or "
+                "model.propagation=sample"
+            )
 
 
 def build_model(cfg: Config, spec: envs.EnvSpec, device: torch.device) -> GaussianProcessModel:
