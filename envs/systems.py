@@ -162,7 +162,9 @@ class AnalyticSystem:
     """A discrete-time system ``x' = f(x, u)`` with a smooth cost, in torch and casadi forms.
 
     Build one with :func:`pendulum`, :func:`cartpole`, :func:`acrobot`, :func:`linear` or
-    :func:`double_integrator` (also by name through :data:`SYSTEMS`).
+    :func:`double_integrator` (also by name through :data:`SYSTEMS`). ``state_labels`` and
+    ``action_labels`` name each entry with its unit in brackets (``"theta_dot [rad/s]"``), for
+    tables and plot axes; a rate's unit ends in ``/s``.
     """
 
     name: str
@@ -182,6 +184,19 @@ class AnalyticSystem:
     quadratic: QuadraticCost | None = None
     max_episode_steps: int = 200
     ode_expr: StepExpr | None = None  # (x, u, ops) -> x_dot; None for discrete-time systems
+    state_labels: tuple[str, ...] = ()  # [X] name and unit of each entry, "theta [rad]"; ()
+    action_labels: tuple[str, ...] = ()  # [U] "torque [N m]"; (): unnamed (x[i] / u[j])
+
+    def __post_init__(self) -> None:
+        for field, labels, size in (
+            ("state_labels", self.state_labels, self.obs_dim),
+            ("action_labels", self.action_labels, self.act_dim),
+        ):
+            if labels and len(labels) != size:
+                raise ValueError(
+                    f"system {self.name!r}: {field} has {len(labels)} names {tuple(labels)} for "
+                    f"{size} entries; give one name (with its unit) per entry, or none"
+                )
 
     # ---- torch forms
 
@@ -557,6 +572,8 @@ def pendulum(
         terminal_expr=lambda x, ops: terminal_weight * state_cost(x, ops),
         max_episode_steps=200,
         ode_expr=ode,
+        state_labels=("theta [rad]", "theta_dot [rad/s]"),
+        action_labels=("torque [N m]",),
     )
 
 
@@ -614,6 +631,8 @@ def cartpole(
         terminal_expr=lambda s, ops: 10.0 * state_cost(s, ops),
         max_episode_steps=200,
         ode_expr=ode,
+        state_labels=("x [m]", "theta [rad]", "x_dot [m/s]", "theta_dot [rad/s]"),
+        action_labels=("force [N]",),
     )
 
 
@@ -684,6 +703,8 @@ def acrobot(
         terminal_expr=lambda s, ops: 10.0 * state_cost(s, ops),
         max_episode_steps=400,
         ode_expr=ode,
+        state_labels=("theta1 [rad]", "theta2 [rad]", "theta1_dot [rad/s]", "theta2_dot [rad/s]"),
+        action_labels=("elbow torque [N m]",),
     )
 
 
@@ -700,13 +721,16 @@ def linear(
     dt: float = 1.0,
     name: str = "linear",
     max_episode_steps: int = 100,
+    state_labels: tuple[str, ...] | None = None,
+    action_labels: tuple[str, ...] | None = None,
 ) -> AnalyticSystem:
     """``x' = A x + B u`` with cost ``(x - goal)' Q (x - goal) + u' R u`` and terminal cost
     ``(x - goal)' Qf (x - goal)`` (defaults: ``Q = I``, ``R = I``, ``Qf = Q``, goal 0, no action
-    bounds, start at ones). ``A [X, X]``, ``B [X, U]``.
+    bounds, start at ones). ``A [X, X]``, ``B [X, U]``. The entries are ``x[i]`` and ``u[j]``
+    (no unit) unless ``state_labels [X]`` / ``action_labels [U]`` name them.
 
     Raises:
-        ValueError: if the matrix shapes disagree.
+        ValueError: if the matrix shapes or the numbers of labels disagree.
     """
     A = np.asarray(A, dtype=np.float64)
     B = np.asarray(B, dtype=np.float64)
@@ -747,14 +771,16 @@ def linear(
         terminal_expr=lambda x, ops: ops.quad(Qf, x - ops.const(goal, x)),
         quadratic=QuadraticCost(Q=Q, R=R, Qf=Qf, goal=goal),
         max_episode_steps=max_episode_steps,
+        state_labels=tuple(state_labels or (f"x[{i}]" for i in range(nx))),
+        action_labels=tuple(action_labels or (f"u[{j}]" for j in range(nu))),
     )
 
 
 def double_integrator(dt: float = 0.1, action_bound: float = 1.0) -> AnalyticSystem:
     """Position-velocity double integrator (exact zero-order-hold discretization), state
-    ``[p, v]``, force in ``[-action_bound, action_bound]``, cost ``p^2 + 0.1 v^2 + 0.1 u^2``,
-    terminal ``10 p^2 + v^2``, starting at ``[1, 0]``; its ODE ``(p, v)' = (v, u)`` serves
-    collocation."""
+    ``[p, v]`` (m, m/s), the action ``u`` an acceleration in ``[-action_bound, action_bound]``
+    m/s^2 (a force on a unit mass), cost ``p^2 + 0.1 v^2 + 0.1 u^2``, terminal ``10 p^2 + v^2``,
+    starting at ``[1, 0]``; its ODE ``(p, v)' = (v, u)`` serves collocation."""
 
     def ode(x: Any, u: Any, ops: Ops) -> Any:
         return ops.stack([ops.split(x)[1], ops.split(u)[0]])
@@ -770,6 +796,8 @@ def double_integrator(dt: float = 0.1, action_bound: float = 1.0) -> AnalyticSys
         start_noise=0.1,
         dt=dt,
         name="double_integrator",
+        state_labels=("p [m]", "v [m/s]"),
+        action_labels=("u [m/s^2]",),
     )
     return dataclasses.replace(system, ode_expr=ode)
 

@@ -1,11 +1,28 @@
 """The ``mbrl`` command line.
 
-mbrl envs                                    list the env registry
-mbrl presets                                 list the preset configs
-mbrl run ALGO --env NAME [key=value ...]     train, writing runs/<name>/
-mbrl run ALGO --help                         every config key of ALGO, its default and meaning
-mbrl resume runs/<name>                      continue a killed run from its checkpoint
-mbrl eval runs/<name> [--video out.gif]      play the trained agent, print its mean return
+mbrl envs                                   list the env registry
+mbrl presets                                list the preset configs
+mbrl run ALGO --env NAME [key=value ...]    train, writing runs/<name>/ (runs/ALGO-ENV-seedN)
+    --config FILE | --preset NAME           config values from a YAML file or a preset
+    --seed N  --name NAME  --runs-dir DIR   the seed, the run folder's name and parent folder
+    --device cpu|cuda                       where to train
+    --show-config                           print the resolved config (YAML); nothing runs
+    --overwrite                             replace the run folder if it exists
+    --keep-checkpoints K  --keep-every N    keep the K newest checkpoints, and every N-th
+    --keep-best                             also keep checkpoint-best.pt, of the best return
+    --reward F  --termination F  --wrapper W    for --env gym:ID (any gymnasium env)
+mbrl run ALGO --help                        every config key of ALGO, its default and meaning
+mbrl run --continue runs/<name> trials=N    extend a finished run (trials, total_steps)
+mbrl resume runs/<name> [--from checkpoint-<n>.pt]  continue a killed run from a checkpoint
+mbrl eval runs/<name> [--checkpoint best] [--episodes N] [--video out.gif]
+                                            play the trained agent, print its mean return
+mbrl plot runs/<name> ... --out curves.png [--threshold R]
+                                            learning curves: mean and band per algorithm
+mbrl study control --system pendulum        LQR, iLQR, CEM, random shooting, NMPC compared
+mbrl sweep ALGO --env NAME --seeds 0-9 [key=a,b ...] [--backend local|ray]
+                                            many seeds and settings, writing runs/sweep-<name>/
+mbrl sweep --resume runs/sweep-<name>       continue its unfinished runs
+mbrl sweep --report runs/sweep-<name>       its table, paired comparisons and plot
 """
 
 from __future__ import annotations
@@ -19,6 +36,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import yaml
 
@@ -48,7 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--seed", type=int, help="shorthand for seed=N")
     run_p.add_argument("--name", help="run folder name (default ALGO-ENV-seedN)")
     run_p.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
-    run_p.add_argument("--device", default="cpu", help="cpu or cuda")
+    run_p.add_argument("--device", help="cpu (default) or cuda")
+    run_p.add_argument(
+        "--continue",
+        dest="extend",
+        metavar="runs/<name>",
+        help="extend this finished run under its own config, from its last checkpoint: give "
+        "only the larger budget (trials=N for pets and gp-mpc, total_steps=N for the others; "
+        "stop_when_solved too, which a run that stopped when solved needs raised or 0); the old "
+        "config is kept as config.<n>.yaml",
+    )
+    run_p.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="also keep checkpoint-best.pt: the checkpoint after the best return logged so far "
+        "(mbrl eval --checkpoint best)",
+    )
     run_p.add_argument(
         "--overwrite",
         action="store_true",
@@ -136,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         "--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)"
     )
 
+    _add_sweep_parser(sub)
+
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may come after options
-        if args.command != "run" or any("=" not in e or e.startswith("-") for e in extra):
+        takes = args.command in ("run", "sweep")
+        if not takes or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
@@ -149,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "run":
+            if args.extend is not None and not args.help:
+                return _continue(args)
             if args.help or args.algo is None:
                 return _run_help(args, run_p)
             _prepare_run(args)  # --preset, gym: env options
@@ -159,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             return _study(args)
         if args.command == "plot":
             return _plot(args)
+        if args.command == "sweep":
+            return _sweep(args)
     except (
         KeyError,
         ValueError,
@@ -208,14 +249,19 @@ def _run(args: argparse.Namespace) -> int:
     # everything is checked before the run folder exists: a refused value writes nothing
     if args.env is None:
         envs.make(cfg.env)  # the env of a --config file or the default
-    resolve_device(args.device)
+    device = args.device or "cpu"
+    resolve_device(device)
     keep, every = _keep_options(args.keep_checkpoints, args.keep_every)
+    best = "return" if args.keep_best else None
     name = args.name or f"{args.algo}-{folder_name(cfg.env)}-seed{cfg.seed}"
     path = _run_folder(args.runs_dir, name, given=args.name is not None)
-    meta = {"algo": args.algo, "device": args.device, "keep_checkpoints": keep, "keep_every": every}
+    meta = {"algo": args.algo, "device": device, "keep_checkpoints": keep, "keep_every": every}
+    meta["keep_best"] = best
     create = "overwrite" if args.overwrite else "new"  # "new" refuses a folder that exists
-    run = Run(path, cfg, meta, keep_checkpoints=keep, keep_every=every, create=create)
-    return _train(module, cfg, run, args.device, args.algo, fresh=True)
+    run = Run(
+        path, cfg, meta, keep_checkpoints=keep, keep_every=every, create=create, keep_best=best
+    )
+    return _train(module, cfg, run, device, args.algo, fresh=True)
 
 
 def _run_folder(runs_dir: str, name: str, given: bool) -> Path:
@@ -242,6 +288,109 @@ def _keep_options(keep: int, every: int) -> tuple[int, int]:
 
 def _resume(args: argparse.Namespace) -> int:
     path = Path(args.path)
+    meta, module, cfg = _read_run(path)
+    device = args.device or meta.get("device", "cpu")
+    resolve_device(device)
+    keep, every = _keep_options(meta.get("keep_checkpoints", 2), meta.get("keep_every", 0))
+    run = Run(
+        path,
+        cfg,
+        keep_checkpoints=keep,
+        keep_every=every,
+        resume_from=args.resume_from,
+        keep_best=meta.get("keep_best"),
+    )
+    return _train(module, cfg, run, device, meta["algo"])
+
+
+def _continue(args: argparse.Namespace) -> int:
+    """``mbrl run [ALGO] --continue runs/<name> key=value ...``: a finished run goes on under
+    its own config with a larger budget (:func:`_budget_keys`), from its last checkpoint; the
+    run folder records the new config (:class:`Run`'s ``extend_budget``)."""
+    path = Path(args.extend)
+    if args.algo is not None and "=" in args.algo:  # `mbrl run --continue runs/x trials=2`
+        args.algo, args.overrides = None, [args.algo, *args.overrides]
+    given = {
+        "--env": args.env,
+        "--config": args.config,
+        "--preset": args.preset,
+        "--seed": args.seed,
+        "--name": args.name,
+        "--overwrite": args.overwrite or None,
+        "--keep-best": args.keep_best or None,
+        "--reward": args.reward,
+        "--termination": args.termination,
+        "--wrapper": args.wrapper or None,
+    }
+    clash = [k for k, v in given.items() if v is not None]
+    if clash:
+        raise ValueError(
+            f"--continue {path} goes on under the run's own config and run settings: drop "
+            f"{', '.join(clash)} (only the budget, e.g. trials=N, --device and --show-config "
+            "go with it)"
+        )
+    meta, module, stored = _read_run(path)
+    algo = meta["algo"]
+    if args.algo is not None and args.algo != algo:
+        raise ValueError(f"{path} is a {algo} run, not {args.algo}: `mbrl run {algo} --continue`")
+    budget = _budget_keys(stored)
+    if not budget:
+        raise ValueError(f"{algo} runs have no budget to extend; start a new run instead")
+    keys = [item.partition("=")[0].strip() for item in args.overrides]
+    if not keys:
+        raise ValueError(
+            f"--continue {path} needs the larger budget: {' or '.join(budget)}, e.g. "
+            f"`mbrl run --continue {path} {budget[0]}={getattr(stored, budget[0]) + 1}`"
+        )
+    refused = [k for k in keys if k not in budget]
+    if refused:
+        raise ConfigError(
+            f"--continue changes only the run's budget ({', '.join(budget)}), not {refused[0]}: "
+            "the run's checkpoints hold a run of its own values; start a new run for it "
+            f"(`mbrl run {algo} --config {path / 'config.yaml'} {refused[0]}=... --name NEW`)"
+        )
+    cfg = load_config(module.Config, path / "config.yaml", args.overrides)
+    for key in ("trials", "total_steps"):
+        old, new = getattr(stored, key, None), getattr(cfg, key, None)
+        if old is not None and new < old:
+            raise ConfigError(
+                f"{key}={new} is below the run's {key}={old}: --continue extends a run; give "
+                f"{key} >= {old}"
+            )
+    if args.show_config:  # the continued config only: nothing runs, the folder is untouched
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    device = args.device or meta.get("device", "cpu")
+    resolve_device(device)
+    keep, every = _keep_options(meta.get("keep_checkpoints", 2), meta.get("keep_every", 0))
+    run = Run(
+        path,
+        cfg,
+        keep_checkpoints=keep,
+        keep_every=every,
+        keep_best=meta.get("keep_best"),
+        extend_budget=budget,
+    )
+    return _train(module, cfg, run, device, algo)
+
+
+def _budget_keys(cfg: Any) -> tuple[str, ...]:
+    """The config keys ``--continue`` may change: when the run stops, never what it does
+    before (the MPC loop reads ``trials`` and ``stop_when_solved`` only in its stopping rule,
+    the Dyna loops ``total_steps`` in theirs and for the last, partial epoch)."""
+    from mbrl.algorithms.dyna import DynaConfig
+    from mbrl.algorithms.mpc_loop import MPCRunConfig
+
+    if isinstance(cfg, MPCRunConfig):
+        return ("trials", "stop_when_solved")
+    if isinstance(cfg, DynaConfig):
+        return ("total_steps",)
+    return ()
+
+
+def _read_run(path: Path) -> tuple[dict, ModuleType, Any]:
+    """The ``run.yaml`` mapping, the algorithm's module and the config of the run folder
+    ``path``; a missing optional dependency of the algorithm names its extra."""
     config, run_yaml = path / "config.yaml", path / "run.yaml"
     if not config.exists() and not run_yaml.exists():
         raise RunFolderError(
@@ -258,16 +407,12 @@ def _resume(args: argparse.Namespace) -> int:
         raise RunFolderError(
             f"{run_yaml} names no algorithm (an `algo: NAME` line); put it back, e.g. `algo: pets`"
         )
-    module = algorithms.get(meta["algo"])
+    module = _algorithm(meta["algo"])
     try:
         cfg = from_dict(module.Config, _read_mapping(config, "the run's resolved config"))
     except ConfigError as e:
         raise ConfigError(f"{config}: {e}") from None
-    device = args.device or meta.get("device", "cpu")
-    resolve_device(device)
-    keep, every = _keep_options(meta.get("keep_checkpoints", 2), meta.get("keep_every", 0))
-    run = Run(path, cfg, keep_checkpoints=keep, keep_every=every, resume_from=args.resume_from)
-    return _train(module, cfg, run, device, meta["algo"])
+    return meta, module, cfg
 
 
 def _read_mapping(path: Path, holds: str) -> dict:
@@ -389,8 +534,11 @@ def _train(module, cfg, run: Run, device: str, algo: str, fresh: bool = False) -
 def _ctrl_c_stops_at_checkpoint(run: Run) -> Iterator[None]:
     """While training: the first Ctrl-C (SIGINT) asks ``run`` to stop at its next checkpoint
     (:func:`mbrl.algorithms.loop.stop_if_requested`); a second one interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread
+    if (
+        threading.current_thread() is not threading.main_thread()  # handlers: main thread only
+        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # started ignoring it (nohup, &)
+    ):
+        yield
         return
 
     def first(signum, frame) -> None:
@@ -445,6 +593,13 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     eval_p.add_argument("--episodes", type=int, default=5, help="episodes to play (default 5)")
     eval_p.add_argument("--seed", type=int, default=0, help="episode i resets with seed + i")
     eval_p.add_argument("--video", help="write the first episode to this .gif or .mp4 file")
+    eval_p.add_argument(
+        "--checkpoint",
+        default="latest",
+        metavar="latest|best|checkpoint-<n>.pt",
+        help="the checkpoint to play: the latest (default), the best (a run started with "
+        "--keep-best), or a kept numbered one",
+    )
     eval_p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
@@ -533,9 +688,195 @@ def _eval(args: argparse.Namespace) -> int:
     from mbrl.evaluate import evaluate_run
 
     result = evaluate_run(
-        args.path, episodes=args.episodes, seed=args.seed, video=args.video, device=args.device
+        args.path,
+        episodes=args.episodes,
+        seed=args.seed,
+        video=args.video,
+        device=args.device,
+        checkpoint=args.checkpoint,
     )
     print(result.text())
+    return 0
+
+
+# -- sweeps -----------------------------------------------------------------------------------
+
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    sweep_p = sub.add_parser(
+        "sweep",
+        help="many seeds and settings as ordinary runs in runs/sweep-<name>/, on a local pool "
+        "or a Ray cluster, with one report (table, paired comparisons, plot)",
+    )
+    sweep_p.add_argument(
+        "algo", nargs="?", help="an algorithm, or several comma separated (mba,naf)"
+    )
+    sweep_p.add_argument("--env", help="registry name or gym:ID (or env=a,b among the values)")
+    sweep_p.add_argument("--seeds", help="the seeds: 0-9, 0,2,5 or mixed (0-3,7)")
+    sweep_p.add_argument("--config", help="YAML file of config values; {algo} is each algorithm")
+    sweep_p.add_argument(
+        "--preset", help="a preset by name; {algo} is each algorithm ('{algo}_pendulum')"
+    )
+    sweep_p.add_argument(
+        "--backend", choices=["local", "ray"], help="local (default): a pool of processes here"
+    )
+    sweep_p.add_argument(
+        "--cpus-per-run", type=int, metavar="N", help="CPUs and torch threads per run (default 1)"
+    )
+    sweep_p.add_argument("--address", help="the Ray cluster's address (default: start one here)")
+    sweep_p.add_argument("--name", help="the sweep's name: runs/sweep-NAME (default ALGO-ENV)")
+    sweep_p.add_argument("--runs-dir", default="runs", help="parent folder of the sweep folder")
+    sweep_p.add_argument(
+        "--retries",
+        type=int,
+        metavar="R",
+        help="attempts a crashed run gets after its first (default 2), each resuming from its "
+        "last checkpoint",
+    )
+    sweep_p.add_argument(
+        "--threshold", type=float, help="the report gives the first env step reaching this return"
+    )
+    sweep_p.add_argument(
+        "--resume", metavar="runs/sweep-<name>", help="continue the sweep's unfinished runs"
+    )
+    sweep_p.add_argument(
+        "--report", metavar="runs/sweep-<name>", help="write the sweep's report.md and report.png"
+    )
+    sweep_p.add_argument("overrides", nargs="*", help="config values key=value or key=a,b,...")
+    sweep_p.set_defaults(overrides=[])
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``mbrl sweep``: make, continue or report a sweep (see :mod:`mbrl.sweep`)."""
+    import dataclasses
+
+    from mbrl import sweep
+
+    made = {"ALGO": args.algo, "--seeds": args.seeds, "--env": args.env, "--name": args.name}
+    made |= {"--config": args.config, "--preset": args.preset}
+    made["key=value"] = args.overrides or None
+    given = [k for k, v in made.items() if v is not None]
+    if args.report is not None or args.resume is not None:
+        flag = "--report" if args.report is not None else "--resume"
+        if given or (args.report is not None and args.resume is not None):
+            both = ["--resume"] if args.report is not None and args.resume is not None else []
+            raise ValueError(
+                f"{flag} takes the sweep as it was made; drop {', '.join(both + given)} (start "
+                "a new sweep under another --name to change them)"
+            )
+    if args.report is not None:
+        report = sweep.sweep_report(Path(args.report), threshold=args.threshold)
+        print(report.text, end="")
+        print(f"report: {report.markdown}" + (f"\nplot: {report.plot}" if report.plot else ""))
+        return 0
+    limits = (("--cpus-per-run", args.cpus_per_run, 1), ("--retries", args.retries, 0))
+    for flag, value, least in limits:
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be an integer >= {least}, got {value}")
+    if args.resume is not None:
+        folder = Path(args.resume)
+        manifest = sweep.Manifest.load(folder)
+        chosen = {
+            "backend": args.backend,
+            "cpus_per_run": args.cpus_per_run,
+            "retries": args.retries,
+            "address": args.address,
+            "threshold": args.threshold,
+        }
+        manifest = dataclasses.replace(
+            manifest, **{k: v for k, v in chosen.items() if v is not None}
+        )
+    else:
+        if args.algo is None or args.seeds is None:
+            raise ValueError(
+                "mbrl sweep needs ALGO and --seeds (mbrl sweep pets --env cartpole-balance "
+                "--seeds 0-3), or --resume / --report runs/sweep-<name>"
+            )
+        algos = [a.strip() for a in args.algo.split(",") if a.strip()]
+        for algo in algos:
+            _algorithm(algo)  # an unknown name lists the valid ones
+        runs = sweep.expand(
+            algos,
+            sweep.parse_seeds(args.seeds),
+            args.overrides,
+            env=args.env,
+            config=args.config,
+            preset=args.preset,
+        )
+        name = args.name or sweep.plan.default_name(runs)
+        folder = _run_folder(args.runs_dir, f"sweep-{name}", given=args.name is not None)
+        if folder.exists():
+            raise RunFolderError(
+                f"sweep folder {folder} exists; continue it with `mbrl sweep --resume {folder}`, "
+                "or pick another --name"
+            )
+        command = [args.algo, *(["--env", args.env] if args.env else []), "--seeds", args.seeds]
+        command += ["--config", args.config] if args.config else []
+        command += ["--preset", args.preset] if args.preset else []
+        options = {"--backend": args.backend, "--cpus-per-run": args.cpus_per_run}
+        options |= {"--address": args.address, "--retries": args.retries}
+        options["--threshold"] = args.threshold
+        command += [str(x) for k, v in options.items() if v is not None for x in (k, v)]
+        command += ["--name", name, *args.overrides]
+        manifest = sweep.Manifest(
+            name=name,
+            command=tuple(command),
+            backend=args.backend or "local",
+            cpus_per_run=args.cpus_per_run or 1,
+            retries=2 if args.retries is None else args.retries,
+            address=args.address,
+            threshold=args.threshold,
+            runs=tuple(sweep.RunRecord(spec) for spec in runs),
+        )
+    cpus = manifest.cpus_per_run
+    if manifest.backend == "ray":
+        pool = sweep.RayPool(cpus, manifest.address)  # without ray: how to install it
+        where = manifest.address or "a Ray instance started here"
+        print(f"ray: {where}, ready in {pool.startup_seconds:.1f} s", file=sys.stderr)
+    else:
+        pool = sweep.LocalPool(cpus)
+    try:
+        if args.resume is None:
+            folder.mkdir(parents=True)
+            manifest.save(folder)
+        todo = sum(r.state != "done" for r in manifest.runs)
+        print(
+            f"sweep {manifest.name}: {todo} of {len(manifest.runs)} runs to go, {pool.slots} at "
+            f"once ({manifest.backend}, {cpus} CPU each), writing {folder}",
+            file=sys.stderr,
+            flush=True,
+        )
+        result = sweep.run_sweep(folder, manifest, pool, view=sweep.LiveView())
+    finally:
+        pool.close()
+    counts = result.manifest.counts()
+    if result.stopped:
+        print(
+            f"mbrl sweep: stopped after {result.seconds:.0f} s with {counts['done']} of "
+            f"{len(manifest.runs)} runs done, every run's checkpoint intact; continue with "
+            f"`mbrl sweep --resume {folder}`",
+            file=sys.stderr,
+        )
+        return 130
+    report = sweep.sweep_report(folder)
+    print(report.text, end="")
+    print(f"report: {report.markdown}" + (f"\nplot: {report.plot}" if report.plot else ""))
+    apart = f" (Ray start-up {pool.startup_seconds:.1f} s apart)"
+    print(
+        f"sweep {manifest.name}: {counts['done']} of {len(manifest.runs)} runs done in "
+        f"{result.seconds:.1f} s{apart if manifest.backend == 'ray' else ''}",
+        file=sys.stderr,
+    )
+    failed = [r for r in result.manifest.runs if r.state != "done"]
+    if failed:
+        print(
+            f"mbrl sweep: {len(failed)} run(s) failed: "
+            + "; ".join(f"{r.spec.name} ({r.error})" for r in failed)
+            + f"; their output is in {folder / 'logs'}; retry them with "
+            f"`mbrl sweep --resume {folder}`",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

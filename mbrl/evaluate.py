@@ -1,10 +1,14 @@
 """Evaluate a trained run: rebuild its agent from the run folder and play episodes with it.
 
-``mbrl eval runs/<name> [--episodes N] [--video out.gif|out.mp4]`` reads the run's
-``run.yaml`` (algorithm), ``config.yaml`` (the resolved config) and ``checkpoint.pt`` (with
-``weights_only=True``), and never writes into the folder:
+``mbrl eval runs/<name> [--checkpoint latest|best|checkpoint-<n>.pt] [--episodes N] [--video
+out.gif|out.mp4]`` reads the run's ``run.yaml`` (algorithm), ``config.yaml`` (the resolved
+config) and a checkpoint (with ``weights_only=True``, its digests checked), and never writes
+into the folder. The checkpoint is ``checkpoint.pt``, the latest, by default; ``best`` is
+``checkpoint-best.pt``, kept by a run started with ``mbrl run --keep-best`` (the checkpoint
+after the best return logged; ``best.yaml`` says which and its return); a name picks one of the
+kept numbered checkpoints. The agent is
 
-- MPC runs (PETS, GP-MPC): the fitted model of the last checkpoint, planned on by the run's
+- MPC runs (PETS, GP-MPC): the fitted model of the checkpoint, planned on by the run's
   planner in one MPC controller, as in the run's trials;
 - Dyna and model-free runs (SAC, TD3, DDPG, NAF, MBPO, MVE, MBA): the learner's deterministic
   policy, as in the run's evaluations.
@@ -37,7 +41,7 @@ from mbrl.control import MPCController, Policy, run_episode
 from mbrl.dynamics.base import DynamicsModel
 from mbrl.extras import missing, require
 from mbrl.planners import PlanningProblem
-from mbrl.runs import CheckpointError, load_checkpoint_file
+from mbrl.runs import BEST, LATEST, CheckpointError, load_checkpoint_file, numbered_checkpoints
 
 VIDEO_SUFFIXES = (".gif", ".mp4")
 
@@ -52,6 +56,7 @@ class EvalResult:
     returns: tuple[float, ...]  # [episodes]
     lengths: tuple[int, ...]  # [episodes] steps of each episode
     video: Path | None = None
+    checkpoint: str = LATEST  # the file name of the checkpoint played
 
     @property
     def mean(self) -> float:
@@ -64,8 +69,8 @@ class EvalResult:
     def text(self) -> str:
         rets = ", ".join(f"{r:.1f}" for r in self.returns)
         lines = [
-            f"{self.algo} on {self.env} ({self.run}): return {self.mean:.1f} +- {self.std:.1f} "
-            f"over {len(self.returns)} episodes [{rets}]"
+            f"{self.algo} on {self.env} ({self.run / self.checkpoint}): return {self.mean:.1f} "
+            f"+- {self.std:.1f} over {len(self.returns)} episodes [{rets}]"
         ]
         if self.video is not None:
             lines.append(f"video: {self.video}")
@@ -79,17 +84,21 @@ class LoadedRun:
     path: Path
     algo: str
     cfg: Any  # the algorithm's Config dataclass
-    parts: dict[str, dict]  # state dict of each part of the last checkpoint
+    parts: dict[str, dict]  # state dict of each part of the checkpoint read
+    checkpoint: Path  # the checkpoint read
 
 
-def load_run(path: str | Path) -> LoadedRun:
-    """Read ``run.yaml``, ``config.yaml`` and the last checkpoint of the run folder ``path``.
+def load_run(path: str | Path, checkpoint: str = "latest") -> LoadedRun:
+    """Read ``run.yaml``, ``config.yaml`` and a checkpoint of the run folder ``path``.
 
-    The checkpoint is ``checkpoint.pt``, else the newest ``checkpoint-<n>.pt``.
+    Args:
+        checkpoint: ``"latest"`` (``checkpoint.pt``, else the newest ``checkpoint-<n>.pt``),
+            ``"best"`` (``checkpoint-best.pt``) or the file name of a kept
+            ``checkpoint-<n>.pt``.
 
     Raises:
-        ValueError: not a run folder.
-        CheckpointError: no checkpoint yet, or a corrupt one.
+        ValueError: not a run folder, or a ``checkpoint`` that is none of the above.
+        CheckpointError: no such checkpoint (yet), or a corrupt one.
     """
     path = Path(path)
     if not (path / "config.yaml").is_file() or not (path / "run.yaml").is_file():
@@ -101,21 +110,37 @@ def load_run(path: str | Path) -> LoadedRun:
     except ModuleNotFoundError as e:
         raise missing(e, f"evaluating a {algo} run") from None
     cfg = from_dict(module.Config, yaml.safe_load((path / "config.yaml").read_text()) or {})
-    numbered = sorted(
-        (int(p.stem.split("-")[1]), p)
-        for p in path.glob("checkpoint-*.pt")
-        if p.stem.split("-")[1].isdigit()
-    )
-    ckpt = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else None
-    if ckpt is None and numbered:
-        ckpt = numbered[-1][1]
-    if ckpt is None:
-        raise CheckpointError(f"{path} has no checkpoint yet: nothing trained to evaluate")
+    ckpt = _checkpoint_file(path, checkpoint)
     state = load_checkpoint_file(ckpt)["state"]
     parts = state.get("parts") if isinstance(state, dict) else None
     if not isinstance(parts, dict):
         raise CheckpointError(f"{ckpt} holds no parts (buffer, model, learner) to evaluate")
-    return LoadedRun(path, str(algo), cfg, parts)
+    return LoadedRun(path, str(algo), cfg, parts, ckpt)
+
+
+def _checkpoint_file(path: Path, checkpoint: str) -> Path:
+    """The file of ``--checkpoint`` ``checkpoint`` in the run folder ``path``."""
+    numbered = numbered_checkpoints(path)  # newest first
+    kept = ", ".join(p.name for _, p in numbered) or "none"
+    if checkpoint == "latest":
+        if (path / LATEST).is_file():
+            return path / LATEST
+        if numbered:
+            return numbered[0][1]
+        raise CheckpointError(f"{path} has no checkpoint yet: nothing trained to evaluate")
+    if checkpoint == "best":
+        if (path / BEST).is_file():
+            return path / BEST
+        raise CheckpointError(
+            f"--checkpoint best: {path} has no {BEST} (the run was not started with "
+            "`mbrl run --keep-best`, or wrote no checkpoint yet); use --checkpoint latest"
+        )
+    if any(p.name == checkpoint for _, p in numbered):
+        return path / checkpoint
+    raise ValueError(
+        f"--checkpoint {checkpoint!r}: give latest, best or a kept checkpoint of {path} "
+        f"(kept: {kept})"
+    )
 
 
 def build_policy(loaded: LoadedRun, spec: envs.EnvSpec, device: torch.device, seed: int) -> Policy:
@@ -130,8 +155,9 @@ def build_policy(loaded: LoadedRun, spec: envs.EnvSpec, device: torch.device, se
     if isinstance(cfg, MPCRunConfig):
         if "model" not in parts:
             raise CheckpointError(
-                f"{loaded.path}: the checkpoint holds no fitted model yet (no MPC trial has "
-                f"finished); continue it with `mbrl resume {loaded.path}` first"
+                f"{loaded.checkpoint} holds no fitted model (it was written before the first MPC "
+                f"trial ended); continue the run with `mbrl resume {loaded.path}` first, or "
+                "evaluate a later checkpoint"
             )
         model = _mpc_model(loaded.algo, cfg, spec, device)
         model.load_state_dict(parts["model"])
@@ -171,8 +197,10 @@ def evaluate_run(
     seed: int = 0,
     video: str | Path | None = None,
     device: str = "cpu",
+    checkpoint: str = "latest",
 ) -> EvalResult:
-    """Play ``episodes`` episodes of the run's agent (see the module docstring).
+    """Play ``episodes`` episodes of the run's agent from its ``checkpoint`` (``"latest"``,
+    ``"best"`` or a kept ``checkpoint-<n>.pt``; see the module docstring).
 
     Raises:
         ValueError: ``episodes < 1`` or a video file name that is not .gif or .mp4.
@@ -182,7 +210,7 @@ def evaluate_run(
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     writer = _video_writer(Path(video)) if video is not None else None
     dev = resolve_device(device)
-    loaded = load_run(path)
+    loaded = load_run(path, checkpoint)
     spec = envs.make(loaded.cfg.env)
     policy = build_policy(loaded, spec, dev, seed)
     frames: list[np.ndarray] = []
@@ -203,7 +231,15 @@ def evaluate_run(
             returns.append(ep.ret)
             lengths.append(len(ep))
     out = writer(frames, fps) if writer is not None else None
-    return EvalResult(Path(path), loaded.algo, spec.name, tuple(returns), tuple(lengths), out)
+    return EvalResult(
+        Path(path),
+        loaded.algo,
+        spec.name,
+        tuple(returns),
+        tuple(lengths),
+        out,
+        loaded.checkpoint.name,
+    )
 
 
 class _Frames(gym.Wrapper):

@@ -10,6 +10,10 @@ Layout of ``runs/<name>/``::
                         and every ``keep_every``-th one when that is set
     checkpoint.pt       the latest checkpoint: a second name (hard link) of the newest
                         checkpoint-<n>.pt, a copy where the file system has no hard links
+    checkpoint-best.pt  with ``keep_best``: the checkpoint written after the best row so far
+    best.yaml           which checkpoint that is, and its row and value
+    config.<n>.yaml     the configs a continued run ran under before (``extend_budget``), n
+                        counting up; config.yaml is always the current one
     run.lock            locked by the process writing the run, with its PID in it
     learning_curve.png
 
@@ -33,6 +37,20 @@ checkpoint-<n>.pt`` continues. What a training loop saves is one typed record,
 :class:`mbrl.algorithms.loop.Checkpoint`. A resumed run drops the metric rows logged after its
 checkpoint, in ``metrics.csv`` and in TensorBoard (whose events from that step on are purged),
 and the checkpoints numbered after it.
+
+A best checkpoint (``keep_best="return"``, ``mbrl run --keep-best``) is judged by the metric
+column's value in the last row logged before each checkpoint (the trial's return for PETS and
+GP-MPC, the evaluation return for the Dyna and model-free runs, whose checkpoint holds the
+agent that scored it); a checkpoint whose value beats every earlier one (strictly, finite
+values only) also becomes ``checkpoint-best.pt``. Every checkpoint records the best so far, so
+a resumed run goes on judging against it; a best checkpoint written after the checkpoint a run
+resumes from is dropped with the rows after it (the resumed run writes it again when it gets
+there).
+
+A finished run is continued with a larger budget (``extend_budget``, ``mbrl run --continue``):
+the config may change in the given keys only (``trials``, ``total_steps``), the old
+``config.yaml`` is kept as ``config.<n>.yaml``, and the checkpoints written under any of the
+folder's configs are accepted.
 """
 
 from __future__ import annotations
@@ -42,13 +60,14 @@ import errno
 import hashlib
 import io
 import json
+import math
 import numbers
 import os
 import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -57,7 +76,7 @@ import numpy as np
 import torch
 import yaml
 
-from mbrl.config import save_config, to_dict
+from mbrl.config import ConfigError, save_config, to_dict
 
 try:
     import fcntl
@@ -69,8 +88,11 @@ CHECKPOINT_FORMAT = 2
 (format 1, without them, is still read, unverified)."""
 
 LATEST = "checkpoint.pt"
+BEST = "checkpoint-best.pt"
+BEST_RECORD = "best.yaml"
 LOCK = "run.lock"
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
+_EARLIER_CONFIG = re.compile(r"config\.(\d+)\.yaml")
 
 
 class CheckpointError(RuntimeError):
@@ -94,6 +116,34 @@ def _is_subset(part: Any, whole: Any) -> bool:
     return part == whole
 
 
+def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of ``old`` whose values differ in ``new`` (keys ``new`` has in addition,
+    fields added since with their defaults, do not count)."""
+    out = []
+    for k, v in old.items():
+        w = new.get(k)
+        if isinstance(v, dict) and isinstance(w, dict):
+            out += _changed(v, w, f"{prefix}{k}.")
+        elif k not in new or v != w:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _dotted(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _overlay(whole: dict, part: dict) -> dict:
+    """``whole`` with the values ``part`` has (a config as saved, read with today's fields)."""
+    out = dict(whole)
+    for k, v in part.items():
+        w = whole.get(k)
+        out[k] = _overlay(w, v) if isinstance(v, dict) and isinstance(w, dict) else v
+    return out
+
+
 class Run:
     """The folder of one run, held by this process until :meth:`close`.
 
@@ -114,11 +164,19 @@ class Run:
         resume_from: the file name of a kept checkpoint (``checkpoint-<n>.pt``) that
             :meth:`load_checkpoint` reads instead of the latest; the checkpoints numbered after
             it are dropped when it is read.
+        keep_best: a metric column (``"return"``) by which ``checkpoint-best.pt`` is kept
+            (see the module docstring); ``None``: no best checkpoint.
+        extend_budget: continue the folder's run under ``cfg``, which may differ from its
+            ``config.yaml`` in these top-level keys only (``("trials",)``); when it differs, the
+            old ``config.yaml`` is kept as ``config.<n>.yaml`` and ``cfg`` written in its place.
+            ``None``: ``cfg`` is the folder's config.
 
     Raises:
         RunFolderError: the folder exists (``create="new"``), another process writes it, or
             it cannot be made or written.
         CheckpointError: ``resume_from`` is not a checkpoint of this folder.
+        ConfigError: ``cfg`` differs from the folder's config in a key not in
+            ``extend_budget``.
     """
 
     def __init__(
@@ -131,6 +189,8 @@ class Run:
         keep_every: int = 0,
         create: Literal["open", "new", "overwrite"] = "open",
         resume_from: str | None = None,
+        keep_best: str | None = None,
+        extend_budget: Sequence[str] | None = None,
     ) -> None:
         if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int):
             raise ValueError(f"keep_checkpoints must be an int >= 1, got {keep_checkpoints!r}")
@@ -140,7 +200,10 @@ class Run:
                 f"and {keep_every}"
             )
         self.path = Path(path)
+        if extend_budget is not None and create != "open":
+            raise ValueError(f"extend_budget continues a run: use create='open', not {create!r}")
         self.keep_checkpoints, self.keep_every = keep_checkpoints, keep_every
+        self.keep_best = keep_best
         self.tensorboard_path = self.path / "tensorboard" if tensorboard else None
         self._writer = None  # opened at the first log: importing tensorboard takes a second
         self._purge_step: int | None = None
@@ -148,7 +211,7 @@ class Run:
         create = self._make_folder(create)
         self._lock: _FolderLock | None = _FolderLock.acquire(self.path, shared=create == "open")
         try:
-            self._open(cfg, meta, create, resume_from)
+            self._open(cfg, meta, create, resume_from, extend_budget)
         except BaseException:
             self.close()
             raise
@@ -171,7 +234,14 @@ class Run:
             raise RunFolderError(f"run folder {self.path} is a file, not a folder; pick another")
         return create
 
-    def _open(self, cfg: Any, meta: dict | None, create: str, resume_from: str | None) -> None:
+    def _open(
+        self,
+        cfg: Any,
+        meta: dict | None,
+        create: str,
+        resume_from: str | None,
+        extend_budget: Sequence[str] | None,
+    ) -> None:
         for entry in self.path.iterdir():
             if create == "overwrite" and entry.name != LOCK and entry.is_dir():
                 shutil.rmtree(entry)
@@ -188,12 +258,18 @@ class Run:
         if not config_path.exists():
             with _writing(config_path, self.path):
                 _replace_with(config_path, lambda tmp: save_config(cfg, tmp))
-        # Digests a checkpoint of this config may carry: the current one, and that of the config
-        # as this run first saved it when a field was added (with a default) since.
         stored = yaml.safe_load(config_path.read_text()) or {}
+        if extend_budget is not None:
+            stored = self._extend(config_path, stored, cfg, tuple(extend_budget))
+        # Digests a checkpoint of this config may carry: the current one, that of the config
+        # as this run first saved it when a field was added (with a default) since, and those
+        # of the configs the run ran under before it was continued (as saved, and as read now).
         self._accepted_hashes = {self.hash}
         if _is_subset(stored, full):
             self._accepted_hashes.add(_dict_hash(stored))
+        for _, earlier in self.earlier_configs():
+            old = yaml.safe_load(earlier.read_text()) or {}
+            self._accepted_hashes |= {_dict_hash(old), _dict_hash(_overlay(full, old))}
         if meta is not None and not (self.path / "run.yaml").exists():
             text = yaml.safe_dump(meta, sort_keys=False)
             with _writing(self.path / "run.yaml", self.path):
@@ -207,6 +283,8 @@ class Run:
         self._checkpoint_mb: float | str = ""
         self._checkpoint_seconds: float | str = ""
         self._resume_from: Path | None = None
+        self._best: dict[str, Any] | None = None  # {"sequence", "value", "row"} of the best
+        self._candidate: tuple[float, int] | None = None  # (value, row) logged since a save
         if resume_from is not None:
             names = [p.name for _, p in self.kept_checkpoints()]
             if resume_from not in names:
@@ -215,6 +293,38 @@ class Run:
                     f"{', '.join(names) or 'none'}"
                 )
             self._resume_from = self.path / resume_from
+
+    def _extend(self, config_path: Path, stored: dict, cfg: Any, keys: tuple[str, ...]) -> dict:
+        """Check that ``cfg`` differs from ``stored`` (``config.yaml``) in ``keys`` only; when
+        it differs, keep ``config.yaml`` as the next ``config.<n>.yaml`` and write ``cfg``.
+        Returns the folder's config now."""
+        full = to_dict(cfg)
+        changed = _changed(stored, full)
+        refused = [k for k in changed if k.split(".")[0] not in keys]
+        if refused:
+            key = refused[0]
+            raise ConfigError(
+                f"{key}={_dotted(full, key)!r} differs from {key}={_dotted(stored, key)!r} in "
+                f"{config_path}: continuing a run may change only its budget "
+                f"({', '.join(keys) or 'nothing'}), since its checkpoints hold a run of the "
+                f"other values; start a new run (another --name) for {key}"
+            )
+        if not changed:
+            return stored
+        n = max((k for k, _ in self.earlier_configs()), default=0) + 1
+        earlier = self.path / f"config.{n}.yaml"
+        text = config_path.read_bytes()
+        with _writing(earlier, self.path):
+            _write_atomic(earlier, text)
+        with _writing(config_path, self.path):
+            _replace_with(config_path, lambda tmp: save_config(cfg, tmp))
+        return yaml.safe_load(config_path.read_text()) or {}
+
+    def earlier_configs(self) -> list[tuple[int, Path]]:
+        """The configs the run ran under before it was continued, ``(n, config.<n>.yaml)``,
+        oldest first."""
+        found = self.path.iterdir()
+        return sorted((int(m[1]), p) for p in found if (m := _EARLIER_CONFIG.fullmatch(p.name)))
 
     # -- metrics -----------------------------------------------------------------------------
     def log(self, **metrics: float | int | str) -> None:
@@ -233,6 +343,11 @@ class Run:
                 csv.writer(f).writerow([_fmt(metrics.get(c, "")) for c in self._columns])
         self._write_scalars(metrics, step=_step_of(metrics, self._rows))
         self._rows += 1
+        if self.keep_best is not None:  # the next checkpoint is judged by this row
+            value = metrics.get(self.keep_best)
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            ok = real and math.isfinite(value)
+            self._candidate = (float(value), self._rows) if ok else None
 
     def checkpoint_columns(self) -> dict[str, float | str]:
         """The metric columns of the latest checkpoint saved or read: ``checkpoint_mb``, its
@@ -307,8 +422,7 @@ class Run:
     # -- checkpoints ---------------------------------------------------------------------------
     def kept_checkpoints(self) -> list[tuple[int, Path]]:
         """The numbered checkpoints in the folder, ``(n, path)``, newest first."""
-        found = [(int(m[1]), p) for p in self.path.iterdir() if (m := _NUMBERED.fullmatch(p.name))]
-        return sorted(found, reverse=True)
+        return numbered_checkpoints(self.path)
 
     @property
     def has_checkpoint(self) -> bool:
@@ -318,7 +432,9 @@ class Run:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Write ``state`` (tensors, numbers, strings, lists, dicts) as the next numbered
         checkpoint, with the config digest, the number of metric rows it covers and the sha256
-        of its content; point ``checkpoint.pt`` at it and drop the checkpoints no longer kept.
+        of its content; point ``checkpoint.pt`` at it (and ``checkpoint-best.pt`` when the last
+        row logged beats the best so far, with ``keep_best``) and drop the checkpoints no longer
+        kept.
 
         Raises:
             RunFolderError: the disk is full or the folder cannot be written (the temporary
@@ -326,6 +442,9 @@ class Run:
         """
         t0 = time.perf_counter()
         seq = self._sequence + 1
+        best, cand = self._best, self._candidate
+        if cand is not None and (best is None or cand[0] > best["value"]):
+            best = {"sequence": seq, "value": cand[0], "row": cand[1]}
         payload = {
             "format": CHECKPOINT_FORMAT,
             "config_hash": self.hash,
@@ -333,6 +452,8 @@ class Run:
             "sequence": seq,
             "state": _compact(state),
         }
+        if self.keep_best is not None:
+            payload["best"] = best  # the best so far, this checkpoint included
         payload["digests"] = _digests(payload)
         target = self.path / f"checkpoint-{seq}.pt"
         with _writing(target, self.path):
@@ -342,6 +463,9 @@ class Run:
             _write_atomic(target, data)
         with _writing(self.checkpoint_path, self.path):
             self._point_latest_at(target, data)
+        if best is not None and best is not self._best:
+            self._point_best_at(target, best, data)
+        self._best, self._candidate = best, None
         self._prune(seq)
         self._sequence, self._latest, self._latest_rows = seq, target, self._rows
         self._checkpoint_mb = len(data) / 1e6
@@ -349,17 +473,44 @@ class Run:
 
     def _point_latest_at(self, target: Path, data: Any = None) -> None:
         """Make ``checkpoint.pt`` a second name of ``target`` (a copy without hard links)."""
-        tmp = self.checkpoint_path.with_name(LATEST + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(target, tmp)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise
-            _write_atomic(self.checkpoint_path, target.read_bytes() if data is None else data)
-        else:
-            os.replace(tmp, self.checkpoint_path)
-        _fsync_folder(self.path)
+        _second_name(self.checkpoint_path, target, data)
+
+    def _point_best_at(self, target: Path, best: dict[str, Any], data: Any = None) -> None:
+        """Make ``checkpoint-best.pt`` a second name of ``target`` and say so in ``best.yaml``."""
+        record = {
+            "checkpoint": f"checkpoint-{best['sequence']}.pt",
+            "sequence": best["sequence"],
+            "column": self.keep_best,
+            "value": best["value"],
+            "metrics_row": best["row"],
+        }
+        text = yaml.safe_dump(record, sort_keys=False).encode()
+        with _writing(self.path / BEST, self.path):
+            _second_name(self.path / BEST, target, data)
+            _write_atomic(self.path / BEST_RECORD, text)
+
+    def best_record(self) -> dict[str, Any] | None:
+        """``best.yaml``: which checkpoint ``checkpoint-best.pt`` is (``checkpoint``,
+        ``sequence``), by which ``column`` and ``value``, after which ``metrics_row``
+        (1-based); ``None`` when the folder has none (or it cannot be read)."""
+        return read_best_record(self.path)
+
+    def _sync_best(self, source: Path, seq: int) -> None:
+        """After reading checkpoint ``seq``: make ``checkpoint-best.pt`` the best checkpoint
+        up to it (as that checkpoint records), or drop it when that one is no longer kept."""
+        record = self.best_record()
+        on_disk = record.get("sequence") if record else None
+        want = self._best["sequence"] if self._best else None
+        if on_disk == want and (want is None or (self.path / BEST).exists()):
+            return
+        kept = dict(self.kept_checkpoints())
+        file = source if want == seq else kept.get(want)
+        if file is not None:
+            self._point_best_at(file, self._best)
+            return
+        with _writing(self.path / BEST, self.path):
+            (self.path / BEST).unlink(missing_ok=True)
+            (self.path / BEST_RECORD).unlink(missing_ok=True)
 
     def _prune(self, newest: int) -> None:
         for n, p in self.kept_checkpoints():
@@ -401,6 +552,10 @@ class Run:
             for n, p in kept:
                 if n > seq:
                     p.unlink()
+        if self.keep_best is not None:
+            best = payload.get("best")
+            self._best = best if isinstance(best, dict) else None
+            self._sync_best(source, seq)
         self._truncate_metrics(int(payload["metrics_rows"]))
         self._sequence, self._latest, self._latest_rows = seq, source, self._rows
         self._checkpoint_mb = source.stat().st_size / 1e6
@@ -659,6 +814,37 @@ def _write_atomic(path: Path, data: Any) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def _second_name(path: Path, target: Path, data: Any = None) -> None:
+    """Make ``path`` a second name (hard link) of ``target``, atomically; a copy (of ``data``,
+    the bytes of ``target`` when given) where the file system has no hard links."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise
+        _write_atomic(path, target.read_bytes() if data is None else data)
+    else:
+        os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
+def numbered_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """The numbered checkpoints of a run folder, ``(n, checkpoint-<n>.pt)``, newest first."""
+    found = [(int(m[1]), p) for p in Path(folder).iterdir() if (m := _NUMBERED.fullmatch(p.name))]
+    return sorted(found, reverse=True)
+
+
+def read_best_record(folder: str | Path) -> dict[str, Any] | None:
+    """The run folder's ``best.yaml`` (see :meth:`Run.best_record`), or ``None``."""
+    try:
+        record = yaml.safe_load((Path(folder) / BEST_RECORD).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _replace_with(path: Path, write: Any) -> None:

@@ -309,13 +309,18 @@ def test_first_ctrl_c_stops_at_the_next_checkpoint(reference, tmp_path, monkeypa
         return original(env, policy, *args, **kwargs)
 
     monkeypatch.setattr(mpc_loop, "run_episode", ctrl_c_in_first_trial)
+    # as in a terminal (a shell's background job starts with SIGINT ignored, and so stays)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     run = tmp_path / "s"
-    assert cli.main(["run", *TINY, "--runs-dir", str(tmp_path), "--name", "s"]) == 130
+    try:
+        assert cli.main(["run", *TINY, "--runs-dir", str(tmp_path), "--name", "s"]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, before)
     err = capsys.readouterr().err
     assert "Ctrl-C: the run stops at its next checkpoint" in err
     assert f"mbrl: stopped; the latest checkpoint is {run / 'checkpoint-2.pt'}" in err
     assert [r["trial"] for r in _rows(run)][-1] == "1"  # the trial in progress was kept
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     monkeypatch.undo()
     assert cli.main(["resume", str(run)]) == 0
     assert _rows(run) == _rows(reference)
@@ -457,3 +462,21 @@ def test_a_format_1_checkpoint_is_read_unverified_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="format 1, from before checkpoints carried content"):
         assert run.load_checkpoint() == {"n": 1}
     run.close()
+
+
+def test_a_run_started_ignoring_sigint_keeps_ignoring_it(tmp_path, monkeypatch):
+    """A background job (``nohup``, ``&``) starts with SIGINT ignored: training leaves it so."""
+    original, seen = mpc_loop.run_episode, []
+
+    def record_handler(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mpc_loop, "run_episode", record_handler)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert cli.main(["run", *TINY, "--runs-dir", str(tmp_path), "--name", "i"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert seen and all(h is signal.SIG_IGN for h in seen)

@@ -18,6 +18,7 @@ ALL = [
     "cartpole-balance",
     "cartpole-swingup",
     "pendulum",
+    "pendulum-hanging",
     "inverted-pendulum",
     "reacher",
     "pusher",
@@ -67,7 +68,7 @@ def rollout(request: pytest.FixtureRequest) -> tuple[str, dict[str, torch.Tensor
     return request.param, _rollouts(request.param, steps=240)
 
 
-def test_names_lists_all_eight() -> None:
+def test_names_lists_every_box_task() -> None:
     assert set(ALL) <= set(mbrl.envs.names())
 
 
@@ -138,6 +139,55 @@ def test_env_checker(name: str) -> None:
     env = mbrl.envs.make(name).make()
     check_env(env.unwrapped, skip_render_check=True)
     env.close()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345])
+def test_pendulum_hanging_resets_hanging_at_rest_and_rewards_as_the_env(seed: int) -> None:
+    spec = mbrl.envs.make("pendulum-hanging")
+    env = spec.make()
+    obs, _ = env.reset(seed=seed)
+    np.testing.assert_array_equal(env.unwrapped.state, [math.pi, 0.0])
+    np.testing.assert_allclose(obs, [-1.0, 0.0, 0.0], atol=1e-7)
+    rows = []
+    for t in range(40):  # out-of-bound torques too: both clip them to [-2, 2]
+        act = np.array([4.0 * math.sin(0.3 * t + seed)], dtype=np.float32)
+        nxt, rew, term, trunc, _ = env.step(act)
+        assert not term and not trunc
+        rows.append((obs, act, nxt, rew))
+        obs = nxt
+    env.close()
+    o, a, n = (torch.as_tensor(np.stack([r[i] for r in rows])) for i in range(3))
+    rewards = torch.tensor([r[3] for r in rows], dtype=torch.float32)
+    torch.testing.assert_close(spec.reward_fn(o, a, n), rewards, rtol=1e-5, atol=1e-4)
+    # the first step is scored at the hanging state: -(pi^2 + 0.001 * 2^2) for |u| >= 2
+    u0 = min(abs(float(rows[0][1][0])), 2.0)
+    assert rows[0][3] == pytest.approx(-(math.pi**2 + 0.001 * u0**2), rel=1e-6)
+    assert spec.solved_return == -328.0 and spec.max_episode_steps == 200
+
+
+def test_pendulum_hanging_differs_from_pendulum_only_in_its_start() -> None:
+    hanging, plain = mbrl.envs.make("pendulum-hanging"), mbrl.envs.make("pendulum")
+    assert hanging.reward_fn is plain.reward_fn and hanging.obs_dim == plain.obs_dim
+    starts = set()
+    for seed in range(3):
+        env = plain.make()
+        env.reset(seed=seed)
+        starts.add(tuple(env.unwrapped.state))
+        env.close()
+    assert len(starts) == 3  # Pendulum-v1 draws its start; pendulum-hanging does not
+
+
+def test_system_envs_name_each_state_and_action_with_a_unit() -> None:
+    from mbrl.envs import systems
+
+    for name in systems.ENV_NAMES:
+        system = mbrl.envs.make(name).dynamics
+        assert len(system.state_labels) == system.obs_dim, name
+        assert len(system.action_labels) == system.act_dim, name
+        for label in (*system.state_labels, *system.action_labels):
+            assert label.endswith("]") and " [" in label, (name, label)
+    with pytest.raises(ValueError, match=r"state_labels has 1 names \('p \[m\]',\) for 2"):
+        systems.linear(np.eye(2), np.ones((2, 1)), state_labels=("p [m]",))
 
 
 def test_forward_reward_dt_matches_env() -> None:
