@@ -45,3 +45,8 @@ from mbrl.planners.lqr import (  # noqa: E402
 )
 
 __all__ += ["ILQR", "LQR", "TimeVaryingLQR", "box_qp", "lqr_backward", "lqr_gain", "solve_dare"]
+
+# tree search (see mbrl.planners.mcts)
+from mbrl.planners.mcts import MCTS, SearchResult, Tree  # noqa: E402
+
+__all__ += ["MCTS", "SearchResult", "Tree"]
