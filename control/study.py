@@ -1,11 +1,14 @@
-"""The control comparison study: LQR, iLQR-MPC, CEM-MPC, random-shooting-MPC and casadi NMPC on
-one analytic system, the same cost, horizon and time step, from the same initial states.
+"""The control comparison study: LQR, iLQR-MPC, CEM-MPC, random-shooting-MPC, casadi NMPC and
+MCTS-MPC on one analytic system, the same cost, horizon and time step, from the same initial
+states.
 
 Every method is a planner behind :class:`~mbrl.control.mpc.MPCController` (replanning every
 step, warm-started with the shifted plan; the first plan of an episode has no warm start) on a
 :class:`~mbrl.planners.base.PlanningProblem` whose model is the system's exact torch dynamics
 and whose reward is minus the system's stage cost (plus minus its terminal cost at the horizon,
-the problem's ``value_fn``). NMPC optimizes the casadi twins of the same problem's model and
+the problem's ``value_fn``). MCTS searches a grid of :data:`MCTS_GRID` evenly spaced values per
+action dimension within the bounds (:func:`mbrl.envs.discretize`), scoring each new leaf with
+the same ``value_fn``. NMPC optimizes the casadi twins of the same problem's model and
 cost. Each episode is a closed-loop rollout of the system's gymnasium env
 (:func:`~mbrl.control.mpc.run_episode`), reset with seed ``seed + k`` for initial state ``k``,
 so all methods start from the same states.
@@ -83,9 +86,10 @@ from mbrl.envs.systems import SYSTEMS, AnalyticSystem
 from mbrl.planners.base import Plan, Planner, PlanningProblem, WarmStart
 from mbrl.planners.ilqr import ILQR
 from mbrl.planners.lqr import LQR
+from mbrl.planners.mcts import MCTS
 from mbrl.planners.sampling import CEM, RandomShooting
 
-METHODS = ("lqr", "ilqr", "cem", "random_shooting", "nmpc")
+METHODS = ("lqr", "ilqr", "cem", "random_shooting", "nmpc", "mcts")
 SYSTEM_NAMES = tuple(SYSTEMS)  # "linear" is the double integrator
 PLANNERS: dict[str, type] = {
     "lqr": LQR,
@@ -93,6 +97,7 @@ PLANNERS: dict[str, type] = {
     "cem": CEM,
     "random_shooting": RandomShooting,
     "nmpc": NMPC,
+    "mcts": MCTS,
 }
 """The planner class behind each method; ``--option METHOD.NAME=VALUE`` sets its keyword
 ``NAME``."""
@@ -102,7 +107,9 @@ _DEFAULTS = {
     "cem": {"population": 200, "iterations": 4},
     "random_shooting": {"population": 500},
     "nmpc": {"max_iter": 100},
+    "mcts": {"simulations": 200},
 }
+MCTS_GRID = 11  # values per action dimension MCTS searches (11 torques on the pendulum)
 HOLD_SECONDS = 0.5  # rule 1 holds over the last 0.5 s
 MAX_TURN = 1.5 * math.pi  # rule 2
 BASIN = 0.5 * math.pi  # rule 3
@@ -129,31 +136,16 @@ class Labels:
     measured: tuple[int, ...]  # the angles and positions whose overshoot is measured
 
 
-_LABELS = {
-    "pendulum": Labels(("theta [rad]", "theta_dot [rad/s]"), ("torque [N m]",), (0,)),
-    "cartpole": Labels(
-        ("x [m]", "theta [rad]", "x_dot [m/s]", "theta_dot [rad/s]"), ("force [N]",), (0, 1)
-    ),
-    "acrobot": Labels(
-        ("theta1 [rad]", "theta2 [rad]", "theta1_dot [rad/s]", "theta2_dot [rad/s]"),
-        ("elbow torque [N m]",),
-        (0, 1),
-    ),
-    "double_integrator": Labels(("p [m]", "v [m/s]"), ("u [m/s^2]",), (0,)),
-}
-
-
 def labels_of(system: AnalyticSystem) -> Labels:
-    """The study's labels of a built-in system; ``x[i]`` / ``u[j]`` for any other (every state
-    entry measured for overshoot)."""
-    known = _LABELS.get(system.name)
-    if known is not None and len(known.states) == system.obs_dim:
-        return known
-    return Labels(
-        tuple(f"x[{i}]" for i in range(system.obs_dim)),
-        tuple(f"u[{j}]" for j in range(system.act_dim)),
-        tuple(range(system.obs_dim)),
-    )
+    """The system's own ``state_labels`` / ``action_labels``, ``x[i]`` / ``u[j]`` where it has
+    none. The overshoot is measured on the entries that are not rates (a unit without ``/s``:
+    angles and positions), on every entry of a system without state labels."""
+    states = system.state_labels or tuple(f"x[{i}]" for i in range(system.obs_dim))
+    actions = system.action_labels or tuple(f"u[{j}]" for j in range(system.act_dim))
+    if not system.state_labels:
+        return Labels(states, actions, tuple(range(system.obs_dim)))
+    units = [label.rpartition(" [")[2] if label.endswith("]") else "" for label in states]
+    return Labels(states, actions, tuple(i for i, u in enumerate(units) if "/s" not in u))
 
 
 def _setup(system: AnalyticSystem) -> StudySetup:
@@ -488,9 +480,17 @@ def _planner(
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
-def _problem(system: AnalyticSystem, horizon: int, seed: int) -> PlanningProblem:
+def _problem(
+    system: AnalyticSystem, horizon: int, seed: int, discrete: bool = False
+) -> PlanningProblem:
     """The system's exact dynamics, its reward (the stage cost, closed form and casadi) and its
-    terminal reward as ``value_fn``: every method optimises the same objective."""
+    terminal reward as ``value_fn``: every method optimises the same objective. ``discrete``
+    restricts the actions to the :data:`MCTS_GRID` grid (``action_values``) for MCTS."""
+    values = None
+    if discrete:
+        from mbrl.envs import discretize
+
+        values = discretize(system.spec(), MCTS_GRID).discrete_actions()  # [A, U]
     return PlanningProblem(
         SystemModel(system),
         system.reward_fn(),
@@ -500,6 +500,7 @@ def _problem(system: AnalyticSystem, horizon: int, seed: int) -> PlanningProblem
         torch.as_tensor(system.action_high, dtype=torch.float32),
         generator=torch.Generator().manual_seed(seed),
         value_fn=system.value_fn(),
+        action_values=values,
     )
 
 
@@ -532,7 +533,8 @@ def run_episode_with(
 ) -> EpisodeResult:
     """One closed-loop episode of ``method`` from initial state ``k`` (env seed ``seed + k``)."""
     planner = _Timed(_planner(method, system, horizon, setup, options))
-    controller = MPCController(planner, _problem(system, horizon, seed + k))
+    problem = _problem(system, horizon, seed + k, discrete=method == "mcts")
+    controller = MPCController(planner, problem)
     env = system.spec().make()
     ep = run_episode(env, controller, seed=seed + k, max_steps=episode_steps)
     violations, worst = _violations(ep.obs, setup)

@@ -2,8 +2,9 @@
 
 Models: the probabilistic ensemble and the Gaussian process (both fitted briefly on random
 transitions of the analytic pendulum), the MuJoCo ground truth of the ``cartpole-swingup`` task,
-and the analytic pendulum's own model. Planners: random shooting, CEM, iCEM, MPPI, LQR, iLQR and
-casadi/IPOPT NMPC. A pair either plans (one ``MPCController.act`` from a fixed start, the same
+and the analytic pendulum's own model. Planners: random shooting, CEM, iCEM, MPPI, LQR, iLQR,
+casadi/IPOPT NMPC and MCTS (on the box: sampled actions, since these problems are not
+discrete). A pair either plans (one ``MPCController.act`` from a fixed start, the same
 action for the same seed, inside the bounds) or is refused with a message when it is built or
 asked to plan; this script prints the table, and ``--readme README.md`` rewrites the table in
 the README between its ``pairs`` markers. ``tests/test_pairs.py`` runs every pair and checks
@@ -30,10 +31,11 @@ from mbrl.dynamics import ProbabilisticEnsemble, SystemModel
 from mbrl.envs import make
 from mbrl.envs.systems import SYSTEMS
 from mbrl.planners import CEM, ILQR, LQR, MPPI, PlanningProblem, RandomShooting
+from mbrl.planners.mcts import MCTS
 
 HORIZON = 5
 MODELS = ("ensemble", "gp", "mujoco", "analytic")
-PLANNERS = ("random", "cem", "icem", "mppi", "lqr", "ilqr", "nmpc")
+PLANNERS = ("random", "cem", "icem", "mppi", "lqr", "ilqr", "nmpc", "mcts")
 README_START, README_END = "<!-- pairs:start -->", "<!-- pairs:end -->"
 
 
@@ -145,6 +147,8 @@ def planner(name: str, goal: np.ndarray):
         from mbrl.control.nmpc import NMPC
 
         return NMPC(HORIZON, max_iter=30)
+    if name == "mcts":
+        return MCTS(simulations=16, actions="sampled", num_sampled=4)
     raise KeyError(f"unknown planner {name!r}; valid: {', '.join(PLANNERS)}")
 
 

@@ -19,6 +19,7 @@ ALGORITHMS: dict[str, str] = {
     "mve": "mbrl.algorithms.mve",
     "mba": "mbrl.algorithms.mba",
     "gp-mpc": "mbrl.algorithms.gp_mpc",
+    "mcts-mpc": "mbrl.algorithms.mcts_mpc",
 }
 
 

@@ -21,6 +21,7 @@ from mbrl.config import (
     Count,
     Finite,
     Fraction,
+    Natural,
     NonNegative,
     Positive,
     ProperFraction,
@@ -34,11 +35,12 @@ from mbrl.envs.registry import known
 from mbrl.learners import NAF, SAC, TD3, Learner
 from mbrl.planners import CEM, ILQR, MPPI, RandomShooting
 from mbrl.planners.base import Planner
+from mbrl.planners.mcts import MCTS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 LearnerName = Literal["sac", "td3", "ddpg", "naf"]
-PlannerName = Literal["random", "cem", "icem", "mppi", "ilqr"]
+PlannerName = Literal["random", "cem", "icem", "mppi", "ilqr", "mcts"]
 Propagation = Literal["ts1", "ts_inf", "expectation"]
 
 
@@ -97,11 +99,11 @@ class EnsembleConfig:
 
 @dataclass
 class PlannerConfig:
-    """A planner by name: random shooting, CEM, iCEM, MPPI or iLQR."""
+    """A planner by name: random shooting, CEM, iCEM, MPPI, iLQR or MCTS."""
 
     name: PlannerName = "cem"
-    """random, cem, icem (CEM with colored noise, kept and shifted elites), mppi or ilqr (on
-    the model's mean dynamics)."""
+    """random, cem, icem (CEM with colored noise, kept and shifted elites), mppi, ilqr (on
+    the model's mean dynamics) or mcts (Monte-Carlo tree search over the model's steps)."""
     population: Count = 500
     """Candidates N per iteration (sampling planners)."""
     elite_fraction: UnitInterval = 0.1
@@ -122,6 +124,39 @@ class PlannerConfig:
     """Exploration std in action units (mppi)."""
     max_iterations: Count = 20
     """Most iterations per plan (ilqr; it stops earlier once converged)."""
+    simulations: Count = 64
+    """Simulations S per plan, each one path from the root to a new leaf (mcts)."""
+    rule: Literal["uct", "puct"] = "uct"
+    """Child selection (mcts): uct (UCB1 on the visit counts) or puct (AlphaZero's, weighted
+    by the problem's action prior; uniform without one)."""
+    exploration: NonNegative = 1.25
+    """Exploration constant c of UCT, c1 of PUCT (mcts; 0: greedy in Q)."""
+    max_depth: Count | None = None
+    """Deepest tree level (mcts); None: the horizon."""
+    actions: Literal["discrete", "widening", "sampled"] = "discrete"
+    """Which actions the tree branches on (mcts): discrete (the discrete env's action values,
+    or a grid on a box env where the algorithm makes one), widening (progressive widening:
+    new box actions while k N^alpha exceeds the children) or sampled (num_sampled box actions
+    drawn per node)."""
+    num_sampled: Count = 8
+    """Actions drawn per node with actions=sampled (mcts)."""
+    widening_k: Positive = 1.0
+    """k of progressive widening, children <= k N^alpha (mcts, actions=widening)."""
+    widening_alpha: UnitInterval = 0.5
+    """alpha of progressive widening, in (0, 1] (mcts, actions=widening)."""
+    double_widening: bool = False
+    """Also widen the next states of stochastic models (mcts, actions=widening)."""
+    dirichlet_alpha: Positive | None = None
+    """Dirichlet noise concentration on the root prior (mcts, rule=puct); None: no noise."""
+    dirichlet_fraction: Fraction = 0.25
+    """Share of the Dirichlet noise in the root prior (mcts, with dirichlet_alpha)."""
+    rollout_depth: Natural = 0
+    """Random-action steps from each new leaf to estimate its value (mcts; 0: the leaf is
+    scored by the problem's value_fn, or 0 without one)."""
+    normalize_values: bool = True
+    """Scale Q values to [0, 1] by the tree's min and max before selection (mcts)."""
+    reuse_tree: bool = False
+    """Keep the subtree below the played action for the next plan (mcts)."""
 
 
 @dataclass
@@ -240,6 +275,23 @@ def make_planner(cfg: PlannerConfig) -> Planner:
         )
     if cfg.name == "ilqr":
         return ILQR(max_iterations=cfg.max_iterations)
+    if cfg.name == "mcts":
+        return MCTS(
+            simulations=cfg.simulations,
+            rule=cfg.rule,
+            exploration=cfg.exploration,
+            max_depth=cfg.max_depth,
+            actions=cfg.actions,
+            num_sampled=cfg.num_sampled,
+            widening_k=cfg.widening_k,
+            widening_alpha=cfg.widening_alpha,
+            double_widening=cfg.double_widening,
+            dirichlet_alpha=cfg.dirichlet_alpha,
+            dirichlet_fraction=cfg.dirichlet_fraction,
+            rollout_depth=cfg.rollout_depth,
+            normalize_values=cfg.normalize_values,
+            reuse_tree=cfg.reuse_tree,
+        )
     cem = {
         "population": cfg.population,
         "elite_fraction": cfg.elite_fraction,

@@ -121,9 +121,19 @@ def train_mpc(
     rng = np.random.default_rng(seed)
     fit_gen = gen if fit_generator == "run" else None
     low, high = spec.action_bounds(dev)
+    values = spec.discrete_actions(dev) if spec.discrete else None  # [A, U] of a discrete env
     problem = PlanningProblem(
-        model, spec.reward_fn, spec.termination_fn, cfg.horizon, low, high, cfg.particles, gen
+        model,
+        spec.reward_fn,
+        spec.termination_fn,
+        cfg.horizon,
+        low,
+        high,
+        cfg.particles,
+        gen,
+        action_values=values,
     )
+    env_action = spec.env_action if spec.discrete else None  # action vector -> index
     controller = MPCController(planner, problem, cfg.replan_every, dev)
     generators = {"planning": gen}
 
@@ -167,10 +177,16 @@ def train_mpc(
         return len(buffer) < cfg.seed_steps or episodes < cfg.random_episodes
 
     if trial == 0 and more_random():
-        random_policy = RandomPolicy(spec.action_low, spec.action_high, rng)
+        random_policy = (
+            RandomChoice(spec.action_values, rng)
+            if spec.discrete
+            else RandomPolicy(spec.action_low, spec.action_high, rng)
+        )
         while more_random():
             watch.start()
-            ep = run_episode(env, random_policy, seed=episode_seed(seed, episodes))
+            ep = run_episode(
+                env, random_policy, seed=episode_seed(seed, episodes), env_action=env_action
+            )
             buffer.add_episode(ep)
             episodes += 1
             watch.lap()
@@ -190,6 +206,7 @@ def train_mpc(
                 controller,
                 seed=episode_seed(seed, episodes),
                 on_step=lambda t, r: bar.update(1),
+                env_action=env_action,
             )
         buffer.add_episode(ep)
         trial += 1
@@ -213,6 +230,20 @@ def train_mpc(
 
     counters = loop.Counters(wall_seconds=watch.wall_seconds, returns=tuple(returns))
     return loop.finish(run, label, seed, spec.name, spec.solved_return, counters, unit="trial")
+
+
+class RandomChoice:
+    """Uniformly random rows of a discrete env's ``action_values [A, U]``, from an explicit
+    numpy generator: the random episodes of a discrete env."""
+
+    def __init__(self, values: np.ndarray, rng: np.random.Generator) -> None:
+        self.values, self.rng = np.asarray(values, dtype=np.float32), rng
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.values[self.rng.integers(len(self.values))]
 
 
 def episode_seed(seed: int, episode: int) -> int:

@@ -1,0 +1,126 @@
+"""Planning quality at equal model steps: MCTS over a torque grid against CEM, closed loop.
+
+Both plan Pendulum-v1 (``pendulum``: random starts, 200 steps) on its known model
+(:func:`mbrl.algorithms.mcts_mpc.pendulum_v1_step`, equal to the env to float rounding) with
+the env's own reward, replanning every step from the same env seeds. MCTS searches
+``--torques`` evenly spaced torques in ``[-2, 2]``; CEM searches the box. Model steps are
+counted, not estimated: every row a planner pushes through the model's ``rollout_step`` is
+one model step. CEM's population is set so that ``population x iterations x horizon`` equals
+the model steps per plan that MCTS took in a first measurement (its own count is then measured
+too), so both get the same model budget per env step.
+
+    python experiments/bench_mcts_quality.py [--episodes 10] [--simulations 64] ...
+
+Prints one JSON object: per planner the returns of every episode, their mean and standard
+deviation, model steps and wall seconds per plan; and CEM's mean over MCTS's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from mbrl import envs
+from mbrl.algorithms.mcts_mpc import known_model
+from mbrl.algorithms.mpc_loop import episode_seed
+from mbrl.control import MPCController, run_episode
+from mbrl.dynamics.base import RolloutState
+from mbrl.dynamics.known import KnownModel
+from mbrl.planners import CEM, PlanningProblem
+from mbrl.planners.mcts import MCTS
+
+
+class CountingModel(KnownModel):
+    """A known model that counts the rows it steps (``rows``)."""
+
+    def __init__(self, model: KnownModel) -> None:
+        super().__init__(model.step_fn, model.obs_dim, model.act_dim)
+        self.rows = 0
+
+    def rollout_step(
+        self, state: RolloutState, act: torch.Tensor, generator: torch.Generator | None = None
+    ) -> RolloutState:
+        self.rows += state.obs.shape[0]
+        return super().rollout_step(state, act, generator)
+
+
+def closed_loop(env_name: str, planner, horizon: int, torques: int | None, args) -> dict:
+    """``args.episodes`` MPC episodes of ``planner`` on ``env_name``'s known model."""
+    base = envs.make(env_name)
+    spec = envs.discretize(base, torques) if torques else base
+    known, value_fn = known_model(env_name)
+    model = CountingModel(known)
+    low, high = spec.action_bounds()
+    gen = torch.Generator().manual_seed(args.seed)
+    values = spec.discrete_actions() if spec.discrete else None
+    problem = PlanningProblem(
+        model, spec.reward_fn, spec.termination_fn, horizon, low, high, 1, gen,
+        value_fn=value_fn, action_values=values,
+    )  # fmt: skip
+    controller = MPCController(planner, problem)
+    env = spec.make()
+    returns, plans, seconds = [], 0, 0.0
+    for i in range(args.episodes):
+        controller.reset_stats()
+        ep = run_episode(
+            env,
+            controller,
+            seed=episode_seed(args.seed, i),
+            env_action=spec.env_action if spec.discrete else None,
+        )
+        returns.append(float(ep.ret))
+        plans += controller.stats.plans
+        seconds += controller.stats.plan_seconds
+        print(f"  episode {i}: return {ep.ret:.1f}", flush=True)
+    return {
+        "returns": returns,
+        "mean": float(np.mean(returns)),
+        "std": float(np.std(returns)),
+        "model_steps_per_plan": model.rows / plans,
+        "seconds_per_plan": seconds / plans,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env", default="pendulum")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--horizon", type=int, default=30, help="H of both planners")
+    parser.add_argument("--torques", type=int, default=11, help="MCTS's torque grid")
+    parser.add_argument("--simulations", type=int, default=64)
+    parser.add_argument("--rollout-depth", type=int, default=0)
+    parser.add_argument("--exploration", type=float, default=1.25)
+    parser.add_argument("--reuse-tree", action="store_true")
+    parser.add_argument("--cem-iterations", type=int, default=3)
+    parser.add_argument("--cem-population", type=int, default=0, help="0: equal model steps")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    mcts = MCTS(
+        simulations=args.simulations,
+        exploration=args.exploration,
+        rollout_depth=args.rollout_depth,
+        reuse_tree=args.reuse_tree,
+    )
+    print("mcts", flush=True)
+    out = {"env": args.env, "episodes": args.episodes, "seed": args.seed, "horizon": args.horizon}
+    out["mcts"] = closed_loop(args.env, mcts, args.horizon, args.torques, args)
+    out["mcts"].update(simulations=args.simulations, rollout_depth=args.rollout_depth)
+    steps = out["mcts"]["model_steps_per_plan"]
+    population = args.cem_population or max(2, round(steps / (args.cem_iterations * args.horizon)))
+    cem = CEM(population=population, iterations=args.cem_iterations)
+    print(f"cem population {population}", flush=True)
+    out["cem"] = closed_loop(args.env, cem, args.horizon, None, args)
+    out["cem"].update(population=population, iterations=args.cem_iterations)
+    out["mcts_over_cem"] = out["mcts"]["mean"] / out["cem"]["mean"]
+    out["wall_seconds"] = time.perf_counter() - start
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
