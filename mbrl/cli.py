@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             return _plot(args)
         if args.command == "sweep":
             return _sweep(args)
+    except BrokenPipeError:  # `mbrl ... | head`: the reader left; stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (
         KeyError,
         ValueError,

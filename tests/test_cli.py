@@ -28,3 +28,23 @@ def test_envs_lists_discrete_action_counts(capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert " A=2 " in lines["CartPole-v1"] and " A=3 " in lines["Acrobot-v1"]
     assert " box " in lines["pendulum"]
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`mbrl run pets --help | head -1`: no error message, no traceback, exit 141 as cat."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has left before anything is written
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mbrl", "run", "pets", "--help"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141
+    assert proc.stderr.decode() == ""
