@@ -1,5 +1,6 @@
 """The ``mbrl`` command line.
 
+```text
 mbrl envs                                   list the env registry
 mbrl presets                                list the preset configs
 mbrl run ALGO --env NAME [key=value ...]    train, writing runs/<name>/ (runs/ALGO-ENV-seedN)
@@ -23,6 +24,7 @@ mbrl sweep ALGO --env NAME --seeds 0-9 [key=a,b ...] [--backend local|ray]
                                             many seeds and settings, writing runs/sweep-<name>/
 mbrl sweep --resume runs/sweep-<name>       continue its unfinished runs
 mbrl sweep --report runs/sweep-<name>       its table, paired comparisons and plot
+```
 """
 
 from __future__ import annotations
