@@ -11,6 +11,11 @@ too), so both get the same model budget per env step.
 
     python experiments/bench_mcts_quality.py [--episodes 10] [--simulations 64] ...
 
+With ``--no-cem`` only MCTS runs, which is how a discrete env is measured (CEM plans boxes):
+
+    python experiments/bench_mcts_quality.py --env CartPole-v1 --horizon 25 \
+        --rollout-depth 25 --reuse-tree --no-cem
+
 Prints one JSON object: per planner the returns of every episode, their mean and standard
 deviation, model steps and wall seconds per plan; and CEM's mean over MCTS's.
 """
@@ -51,7 +56,7 @@ class CountingModel(KnownModel):
 def closed_loop(env_name: str, planner, horizon: int, torques: int | None, args) -> dict:
     """``args.episodes`` MPC episodes of ``planner`` on ``env_name``'s known model."""
     base = envs.make(env_name)
-    spec = envs.discretize(base, torques) if torques else base
+    spec = envs.discretize(base, torques) if torques and not base.discrete else base
     known, value_fn = known_model(env_name)
     model = CountingModel(known)
     low, high = spec.action_bounds()
@@ -59,7 +64,7 @@ def closed_loop(env_name: str, planner, horizon: int, torques: int | None, args)
     values = spec.discrete_actions() if spec.discrete else None
     problem = PlanningProblem(
         model, spec.reward_fn, spec.termination_fn, horizon, low, high, 1, gen,
-        value_fn=value_fn, action_values=values,
+        value_fn=value_fn, action_values=values, discount=args.discount,
     )  # fmt: skip
     controller = MPCController(planner, problem)
     env = spec.make()
@@ -95,7 +100,10 @@ def main() -> None:
     parser.add_argument("--simulations", type=int, default=64)
     parser.add_argument("--rollout-depth", type=int, default=0)
     parser.add_argument("--exploration", type=float, default=1.25)
+    parser.add_argument("--max-depth", type=int, default=None, help="None: the horizon")
+    parser.add_argument("--discount", type=float, default=1.0, help="gamma of both planners")
     parser.add_argument("--reuse-tree", action="store_true")
+    parser.add_argument("--no-cem", action="store_true", help="MCTS only (discrete envs)")
     parser.add_argument("--cem-iterations", type=int, default=3)
     parser.add_argument("--cem-population", type=int, default=0, help="0: equal model steps")
     args = parser.parse_args()
@@ -105,12 +113,17 @@ def main() -> None:
         simulations=args.simulations,
         exploration=args.exploration,
         rollout_depth=args.rollout_depth,
+        max_depth=args.max_depth,
         reuse_tree=args.reuse_tree,
     )
     print("mcts", flush=True)
     out = {"env": args.env, "episodes": args.episodes, "seed": args.seed, "horizon": args.horizon}
     out["mcts"] = closed_loop(args.env, mcts, args.horizon, args.torques, args)
     out["mcts"].update(simulations=args.simulations, rollout_depth=args.rollout_depth)
+    if args.no_cem:
+        out["wall_seconds"] = time.perf_counter() - start
+        print(json.dumps(out, indent=1))
+        return
     steps = out["mcts"]["model_steps_per_plan"]
     population = args.cem_population or max(2, round(steps / (args.cem_iterations * args.horizon)))
     cem = CEM(population=population, iterations=args.cem_iterations)

@@ -52,8 +52,9 @@ Actions (``A`` slots per node):
   distribution of the drawn states).
 
 Leaf value: ``problem.value_fn`` of the leaf; else the discounted return of ``rollout_depth``
-steps of uniformly random actions through ``problem.step``; else 0. A terminated node (every
-particle dead) is a leaf that is never expanded; its value is 0 and revisiting it backs up 0.
+steps of uniformly random actions through ``problem.step`` (cut short once every particle has
+terminated); else 0. A terminated node (every particle dead) is a leaf that is never
+expanded; its value is 0 and revisiting it backs up 0.
 A node at ``max_depth`` is never expanded either; revisiting it backs up its leaf value again.
 
 Particles: each node holds the ``P`` particle rows of its state (start-major); a step's reward
@@ -492,6 +493,8 @@ class _Search:
             total += torch.where(live & finite, step.reward.view(b, p), 0.0) * self.gamma**t
             live &= step.alive.view(b, p)
             state = step.state
+            if t + 1 < self.cfg.rollout_depth and not bool(live.any()):
+                break  # every rollout ended: the remaining steps add 0
         return total.mean(dim=1), bad
 
     def random_actions(self, rows: int) -> torch.Tensor:

@@ -472,3 +472,31 @@ def test_controller_carries_the_tree_through_shift_warm():
     second = controller.act(torch.tensor([2.0]).numpy())
     assert second.tolist() == [0.0]
     assert float(controller.plan.extras["visit_counts"].sum()) > 300
+
+
+def test_rollouts_stop_once_every_particle_has_terminated():
+    """A chain that ends after two steps: a 10-step rollout from a leaf costs at most the two
+    steps to the end, and the leaf values are the rewards of those steps."""
+    calls = []
+
+    class Counting(KnownModel):
+        def rollout_step(self, state, act, generator=None):
+            calls.append(state.obs.shape[0])
+            return super().rollout_step(state, act, generator)
+
+    problem = PlanningProblem(
+        Counting(lambda x, u: x + 1.0, 1, 1),
+        lambda obs, act, nxt: torch.ones(obs.shape[0]),
+        lambda nxt: nxt[:, 0] >= 2.0,
+        5,
+        torch.zeros(1),
+        torch.ones(1),
+        action_values=torch.tensor([[0.0], [1.0]]),
+        generator=torch.Generator().manual_seed(0),
+    )
+    res = MCTS(simulations=4, rule="uct", rollout_depth=10).search(problem, torch.zeros(1))
+    # the root's rollout: 2 steps; the two depth-1 nodes: 1 step each; then terminal nodes
+    assert len(calls) <= 1 + 2 + 4 * 2
+    assert res.tree.raw_values[0, 0].item() == 2.0
+    used = res.tree.depths[0, : res.tree.used] == 1
+    assert res.tree.raw_values[0, : res.tree.used][used].tolist() == [1.0, 1.0]

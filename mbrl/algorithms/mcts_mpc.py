@@ -136,7 +136,8 @@ def known_model(env: str) -> tuple[DynamicsModel, ValueFn | None]:
 
 @dataclass
 class Config:
-    """MCTS-MPC on a known model. The defaults balance CartPole-v1 with 64 simulations."""
+    """MCTS-MPC on a known model. The defaults search CartPole-v1 with 64 simulations and leaf
+    value 0; the preset mcts_mpc_cartpole (25-step random rollouts, the tree kept) balances it."""
 
     env: str = "CartPole-v1"
     """Registry name of an env with a known model (:func:`known_envs`)."""
