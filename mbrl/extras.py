@@ -9,7 +9,7 @@ The parts below need an extra of the distribution (``pip install 'torch-mbrl[EXT
 | ``video`` | imageio, imageio-ffmpeg, pygame | ``mbrl eval --video`` (pygame: classic control) |
 | ``ray`` | ray | sweeps on a Ray cluster |
 | ``docs`` | mkdocs-material, mkdocstrings | ``make docs`` |
-| ``test`` | the above but docs and ray, pytest, ruff, hypothesis | the test suite |
+| ``test`` | the above but docs, pytest, ruff, hypothesis | the test suite |
 """
 
 from __future__ import annotations
