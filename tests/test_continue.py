@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import yaml
+from state_compare import assert_same
 
 from mbrl import cli
 from mbrl.algorithms import pets
@@ -39,23 +40,6 @@ def _state(file):
     return payload
 
 
-def _assert_same(a, b, where="state"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert a == b, where
-
-
 def _run(tmp_path, name, argv, *extra):
     assert cli.main(["run", *argv, "--runs-dir", str(tmp_path), "--name", name, *extra]) == 0
     return tmp_path / name
@@ -77,7 +61,7 @@ def test_continued_pets_run_equals_the_run_started_with_more_trials(pets_runs):
     assert _rows(short) == _rows(full)
     a, b = _state(short / "checkpoint.pt"), _state(full / "checkpoint.pt")
     assert a["config_hash"] == b["config_hash"]  # the continued run writes under the new config
-    _assert_same(a["state"], b["state"])
+    assert_same(a["state"], b["state"])
     assert (short / "config.yaml").read_text() == (full / "config.yaml").read_text()
     earlier = yaml.safe_load((short / "config.1.yaml").read_text())
     assert earlier["trials"] == 1 and {**earlier, "trials": 2} == yaml.safe_load(
@@ -109,7 +93,7 @@ def test_continued_sac_run_equals_the_run_started_with_more_steps(tmp_path):
     full = _run(tmp_path, "full", SAC, "total_steps=150")
     assert [r["env_steps"] for r in _rows(full)] == ["50", "100", "150"]
     assert _rows(short) == _rows(full)
-    _assert_same(_state(short / "checkpoint.pt")["state"], _state(full / "checkpoint.pt")["state"])
+    assert_same(_state(short / "checkpoint.pt")["state"], _state(full / "checkpoint.pt")["state"])
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ generators, counters) must equal the uninterrupted run's. One more case kills a 
 from __future__ import annotations
 
 import csv
-import math
 import os
 import random
 import signal
@@ -23,6 +22,7 @@ import time
 
 import pytest
 import torch
+from state_compare import assert_same
 
 from mbrl import cli, runs
 from mbrl.algorithms import dyna, mpc_loop
@@ -98,23 +98,6 @@ def _state(path):
     return state
 
 
-def _assert_same(a, b, where="state"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert a == b, where
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """``reference(algo)``: the uninterrupted run's folder, and how often it calls each place."""
@@ -162,7 +145,7 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_run(
         assert "was never started" in capsys.readouterr().err, (place, at)
         assert cli.main(["run", *ARGV[algo], "--runs-dir", str(root), "--name", name]) == 0
     assert _rows(root / name) == _rows(root / "full"), (place, at)
-    _assert_same(_state(root / name), _state(root / "full"))
+    assert_same(_state(root / name), _state(root / "full"))
 
 
 def test_sigkill_of_a_real_process_resumes_to_the_uninterrupted_run(tmp_path):
@@ -185,4 +168,4 @@ def test_sigkill_of_a_real_process_resumes_to_the_uninterrupted_run(tmp_path):
     assert cli.main([*argv, "--name", "full"]) == 0
     assert cli.main(["resume", str(tmp_path / "killed")]) == 0
     assert _rows(tmp_path / "killed") == _rows(tmp_path / "full")
-    _assert_same(_state(tmp_path / "killed"), _state(tmp_path / "full"))
+    assert_same(_state(tmp_path / "killed"), _state(tmp_path / "full"))

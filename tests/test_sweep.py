@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from state_compare import assert_same
 
 from mbrl import cli
 from mbrl.runs import load_checkpoint_file
@@ -292,23 +293,6 @@ def _state(path):
     return state
 
 
-def _assert_same(a, b, where="state"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert a == b, where
-
-
 @pytest.fixture(scope="module")
 def alone(tmp_path_factory):
     """Each seed's run on its own (``mbrl run``, one torch thread), by seed."""
@@ -323,7 +307,7 @@ def _assert_runs_equal_alone(folder: Path, alone, seeds=SEEDS):
     for s in seeds:
         run = folder / f"pets-cartpole-balance-seed{s}"
         assert _rows(run) == _rows(alone[s]), s
-        _assert_same(_state(run), _state(alone[s]), f"seed {s}")
+        assert_same(_state(run), _state(alone[s]), f"seed {s}")
 
 
 def _watch(path: Path, deadline: float = 120.0) -> bool:
