@@ -41,14 +41,14 @@ from mbrl import envs
 from mbrl.algorithms import loop
 from mbrl.algorithms.common import Summary, progress_bar, resolve_device
 from mbrl.algorithms.factory import PlannerConfig, check_env, make_planner
-from mbrl.algorithms.mpc_loop import episode_seed
+from mbrl.algorithms.mpc_loop import episode_seed, planning_problem
 from mbrl.config import ConfigError, Count, Natural, Range, Seed, check_ranges
 from mbrl.control import MPCController, run_episode
 from mbrl.dynamics.base import DynamicsModel
 from mbrl.dynamics.known import KnownModel
 from mbrl.envs import cartpole
 from mbrl.envs.spec import EnvSpec
-from mbrl.planners import PlanningProblem, ValueFn
+from mbrl.planners import ValueFn
 from mbrl.runs import Run
 
 # ---------------------------------------------------------------- known models
@@ -198,20 +198,7 @@ def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     env = spec.make()
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)  # unused by the loop; checkpointed like every run's
-    low, high = spec.action_bounds(dev)
-    values = spec.discrete_actions(dev) if spec.discrete else None
-    problem = PlanningProblem(
-        model,
-        spec.reward_fn,
-        spec.termination_fn,
-        cfg.horizon,
-        low,
-        high,
-        cfg.particles,
-        gen,
-        value_fn=value_fn,
-        action_values=values,
-    )
+    problem = planning_problem(spec, model, cfg.horizon, cfg.particles, gen, dev, value_fn)
     controller = MPCController(make_planner(cfg.planner), problem, cfg.replan_every, dev)
     env_action = spec.env_action if spec.discrete else None
     generators = {"planning": gen}

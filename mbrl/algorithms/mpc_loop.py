@@ -120,19 +120,7 @@ def train_mpc(
     gen = torch.Generator(device=dev).manual_seed(seed)
     rng = np.random.default_rng(seed)
     fit_gen = gen if fit_generator == "run" else None
-    low, high = spec.action_bounds(dev)
-    values = spec.discrete_actions(dev) if spec.discrete else None  # [A, U] of a discrete env
-    problem = PlanningProblem(
-        model,
-        spec.reward_fn,
-        spec.termination_fn,
-        cfg.horizon,
-        low,
-        high,
-        cfg.particles,
-        gen,
-        action_values=values,
-    )
+    problem = planning_problem(spec, model, cfg.horizon, cfg.particles, gen, dev)
     env_action = spec.env_action if spec.discrete else None  # action vector -> index
     controller = MPCController(planner, problem, cfg.replan_every, dev)
     generators = {"planning": gen}
@@ -249,3 +237,30 @@ class RandomChoice:
 def episode_seed(seed: int, episode: int) -> int:
     """The env reset seed of episode ``episode`` of a run seeded ``seed``."""
     return seed * 100_003 + episode
+
+
+def planning_problem(
+    spec: envs.EnvSpec,
+    model: DynamicsModel,
+    horizon: int,
+    particles: int,
+    generator: torch.Generator,
+    device: torch.device,
+    value_fn: Callable | None = None,
+) -> PlanningProblem:
+    """The planning problem of an MPC run on ``spec``: its reward, termination and action box,
+    and the action values ``[A, U]`` of a discrete env."""
+    low, high = spec.action_bounds(device)
+    values = spec.discrete_actions(device) if spec.discrete else None
+    return PlanningProblem(
+        model,
+        spec.reward_fn,
+        spec.termination_fn,
+        horizon,
+        low,
+        high,
+        particles,
+        generator,
+        value_fn=value_fn,
+        action_values=values,
+    )
