@@ -26,6 +26,13 @@ _LAZY = {
     "GaussianProcessModel": "mbrl.dynamics.gp",
     "GPDiagnostics": "mbrl.dynamics.gp",
     "MujocoModel": "mbrl.dynamics.mujoco_model",
+    "TVLGDynamics": "mbrl.dynamics.tvlg",  # the TVLG fits import mbrl.planners.derivatives
+    "TVLGPrior": "mbrl.dynamics.tvlg",
+    "GMMPrior": "mbrl.dynamics.tvlg",
+    "ModelPrior": "mbrl.dynamics.tvlg",
+    "NormalInverseWishart": "mbrl.dynamics.tvlg",
+    "fit_tvlg": "mbrl.dynamics.tvlg",
+    "fit_initial_state": "mbrl.dynamics.tvlg",
 }
 
 __all__ = [
@@ -36,17 +43,24 @@ __all__ = [
     "Filter",
     "FitError",
     "FitReport",
+    "GMMPrior",
     "GPDiagnostics",
     "GaussianProcessModel",
     "KnownModel",
     "Linearizable",
     "MemberPrediction",
+    "ModelPrior",
     "MujocoModel",
+    "NormalInverseWishart",
     "Prediction",
     "ProbabilisticEnsemble",
     "RolloutState",
     "SystemModel",
+    "TVLGDynamics",
+    "TVLGPrior",
     "Transitions",
+    "fit_initial_state",
+    "fit_tvlg",
 ]
 
 

@@ -46,6 +46,35 @@ from mbrl.planners.lqr import (  # noqa: E402
 
 __all__ += ["ILQR", "LQR", "TimeVaryingLQR", "box_qp", "lqr_backward", "lqr_gain", "solve_dare"]
 
+# the KL-constrained LQR step of LQR-FLM / guided policy search (see mbrl.planners.lqr_flm)
+from mbrl.planners.lqr_flm import (  # noqa: E402
+    LQRFLM,
+    LinearGaussianController,
+    LQRFLMResult,
+    QuadraticCost,
+    TrajectoryDistribution,
+    adapt_step,
+    expected_cost,
+    final_state,
+    kl_divergence,
+    quadratic_cost,
+    trajectory_distribution,
+)
+
+__all__ += [
+    "LQRFLM",
+    "LQRFLMResult",
+    "LinearGaussianController",
+    "QuadraticCost",
+    "TrajectoryDistribution",
+    "adapt_step",
+    "expected_cost",
+    "final_state",
+    "kl_divergence",
+    "quadratic_cost",
+    "trajectory_distribution",
+]
+
 # tree search (see mbrl.planners.mcts)
 from mbrl.planners.mcts import MCTS, SearchResult, Tree  # noqa: E402
 
