@@ -15,6 +15,20 @@ starts) with one model call per horizon step for all rows, flattened start-major
 ``(b * N + n) * P + p``), and returns the discounted mean return over particles. A candidate
 whose rollout produces NaN or inf while alive scores minus infinity and is counted in
 :attr:`PlanningProblem.nonfinite`; it can never be chosen over a finite candidate.
+
+How :meth:`~PlanningProblem.evaluate` keeps the step loop short (everything a step would
+decide is settled when the problem is made): the loop runs only the model and keeps each step's
+state; the reward function and the termination function then score all ``H`` steps at once, on
+the stacked observations of ``[H * R]`` rows (both are row-wise by their contract, so this is
+the arithmetic of ``H`` calls of :meth:`step`, up to the last-bit rounding of vectorized
+transcendental functions); the returns are summed step by step in horizon order, as a loop over
+:meth:`step` adds them. A problem without termination (``None``,
+or :func:`~mbrl.envs.spec.never_terminates`, which ends only non-finite rows, and those score
+minus infinity anyway) masks nothing. Non-finite values are caught without a per-row check at
+every step: one sum over the returns and the recorded observations is finite unless some row
+may be non-finite (a NaN or inf, or a sum that overflows); only then are the rows resolved one
+by one, exactly as :meth:`step`'s ``finite`` and ``alive`` would have.
+``evaluate(..., compiled=True)`` runs the same loop through ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -83,6 +97,10 @@ class Plan:
     ``covariance`` is set by linear-Gaussian controllers (LQR-FLM), ``extras`` carries a
     planner's tensors for its users (MCTS visit counts and root values), and ``warm`` is what the
     planner wants back on its next call (``None``: ``WarmStart(actions)``).
+
+    ``expected_return`` is the predicted return of ``actions``, except where a sampling planner
+    skipped scoring its final mean (``score_mean``, :mod:`mbrl.planners.sampling`): then it is
+    the planner's sample estimate, and ``diagnostics["mean_scored"]`` is 0.
     """
 
     actions: torch.Tensor  # [H, U]
@@ -233,9 +251,15 @@ class PlanningProblem:
         self._termination = termination_fn if termination_fn is not None else never_terminates
         if model.learns_reward:
             self._reward = _learned_reward
+            self._rewards = _learned_rewards
         else:
             self._reward = lambda state, act, nxt: reward_fn(state.obs, act, nxt.obs)
+            self._rewards = self._given_rewards
+        # never_terminates ends only non-finite rows, which score minus infinity anyway
+        terminates = termination_fn is not None and termination_fn is not never_terminates
+        self._alive = self._alive_before_steps if terminates else _never_ended
         self._gammas = tuple(self.discount**t for t in range(horizon + 1))  # [H + 1]
+        self._compiled: Callable[[RolloutState, torch.Tensor], _Rollout] | None = None
 
     @property
     def discrete(self) -> bool:
@@ -284,7 +308,10 @@ class PlanningProblem:
 
     @torch.inference_mode()
     def evaluate(
-        self, x0: torch.Tensor | Belief | RolloutState, actions: torch.Tensor
+        self,
+        x0: torch.Tensor | Belief | RolloutState,
+        actions: torch.Tensor,
+        compiled: bool = False,
     ) -> torch.Tensor:
         """Discounted mean return over particles of each candidate.
 
@@ -293,6 +320,11 @@ class PlanningProblem:
         planners make once per plan) with ``actions [B, N, H, U]`` (returns ``[B, N]``). A
         started state of ``P`` rows with ``actions [N, H, U]`` is one start. Minus infinity for
         candidates whose rollout went non-finite while alive.
+
+        ``compiled=True`` runs the rollout through ``torch.compile`` (made on the first such
+        call and kept by the problem; each new row count may compile again, seconds each; the
+        numbers equal the eager ones to float rounding). It needs a working ``torch.compile``
+        (on the CPU a C++ compiler); parts it cannot trace run eagerly.
         """
         root = self.start(x0)
         p = self.particles
@@ -308,31 +340,113 @@ class PlanningProblem:
         else:
             check_shape("actions", actions, (b, "N", self.horizon, self.act_dim))
             acts = actions
-        n = acts.shape[1]
+        n, h, u = acts.shape[1], self.horizon, self.act_dim
         state = _repeat_rows(root, b, n, p)  # [B * N * P] rows
         rows = b * n * p
-        acts = acts.to(state.obs.dtype).repeat_interleave(p, dim=1).reshape(rows, self.horizon, -1)
-        device = actions.device
-        total = torch.zeros(rows, dtype=torch.float32, device=device)  # [B * N * P]
-        alive = torch.ones(rows, dtype=torch.bool, device=device)  # [B * N * P]
-        finite = torch.ones(rows, dtype=torch.bool, device=device)  # [B * N * P]
-        gammas = self._gammas
-        for t in range(self.horizon):
-            s = self.step(state, acts[:, t])
-            finite &= s.finite | ~alive
-            total.add_(torch.where(alive & s.finite, s.reward, 0.0), alpha=gammas[t])
-            alive &= s.alive
-            state = s.state
-        if self.value_fn is not None:
-            value = self.value_fn(state).float()  # [B * N * P]
-            ok = torch.isfinite(value)
-            finite &= ok | ~alive
-            total.add_(torch.where(alive & ok, value, 0.0), alpha=gammas[self.horizon])
-        returns = total.view(b, n, p).mean(dim=2)  # [B, N]
-        bad = ~finite.view(b, n, p).all(dim=2)
-        returns = returns.masked_fill(bad, float("-inf"))
-        self.nonfinite += int(bad.sum())
+        acts = acts.to(state.obs.dtype).permute(2, 0, 1, 3)  # [H, B, N, U]
+        if p > 1:
+            acts = acts.unsqueeze(3).expand(h, b, n, p, u)  # [H, B, N, P, U]
+        acts = acts.reshape(h, rows, u).contiguous()  # [H, B * N * P, U], each step contiguous
+        rollout = self._rollout if not compiled else self._compiled_rollout()
+        roll = rollout(state, acts)
+        if p == 1:
+            returns = roll.total.view(b, n)  # [B, N]
+        else:
+            returns = roll.total.view(b, n, p).mean(dim=2)  # [B, N]
+        if bool(roll.suspect):
+            bad = ~self._finite_rows(roll).view(b, n, p).all(dim=2)  # [B, N]
+            returns = returns.masked_fill(bad, float("-inf"))
+            self.nonfinite += int(bad.sum())
         return returns[0] if single else returns
+
+    def _rollout(self, state: RolloutState, acts: torch.Tensor) -> _Rollout:
+        """The open-loop rollout of rows ``state [R]`` under ``acts [H, R, U]``: the model
+        steps, then every step's reward and termination at once, the discounted sum and whether
+        any row may be non-finite (see the module docstring)."""
+        h = self.horizon
+        # the steps' states are kept (a model never overwrites a state it returned: MCTS keeps
+        # them in its tree too)
+        states = [state]
+        for act in acts.unbind(0):  # [R, U] each
+            state = self.model.rollout_step(state, act, self.generator)
+            states.append(state)
+        obs = torch.stack([s.obs for s in states])  # [H + 1, R, X]
+        rewards = self._rewards(states, obs, acts)  # [H, R] float32
+        alive = self._alive(obs)  # [H + 1, R] alive before step t (row H: at the end), or None
+        terms = rewards if alive is None else torch.where(alive[:-1], rewards, 0.0)
+        total = torch.zeros(terms.shape[1], device=terms.device)  # [R]
+        gammas = self._gammas
+        for t in range(h):  # in horizon order, as a loop over step would add them
+            total.add_(terms[t], alpha=gammas[t])
+        value = None
+        if self.value_fn is not None:
+            value = self.value_fn(state).float()  # [R]
+            term = value if alive is None else torch.where(alive[-1], value, 0.0)
+            total.add_(term, alpha=gammas[h])
+        # one sum: finite unless some row has a non-finite term or next observation (or the sum
+        # overflows); only then are the rows resolved one by one
+        suspect = ~torch.isfinite(total.sum() + obs[1:].sum())
+        return _Rollout(total, suspect, rewards, obs, alive, value)
+
+    def _given_rewards(
+        self, states: list[RolloutState], obs: torch.Tensor, acts: torch.Tensor
+    ) -> torch.Tensor:
+        """``reward_fn`` on every step at once: ``[H, R]`` float32 from ``obs [H + 1, R, X]``
+        and ``acts [H, R, U]``."""
+        h, rows = acts.shape[:2]
+        reward = self.reward_fn(obs[:-1].flatten(0, 1), acts.flatten(0, 1), obs[1:].flatten(0, 1))
+        if tuple(reward.shape) != (h * rows,):
+            raise ShapeError(
+                f"reward_fn: expected one reward per row, [{h * rows}] for {h * rows} rows of "
+                f"(obs, act, next_obs), got {list(reward.shape)}; return a [B] tensor"
+            )
+        return reward.float().view(h, rows)
+
+    def _alive_before_steps(self, obs: torch.Tensor) -> torch.Tensor:
+        """``[H + 1, R]`` bool: row ``t`` alive before step ``t`` (no earlier step ended it),
+        row ``H`` alive after the last step; ``termination_fn`` on every step at once."""
+        h, rows = obs.shape[0] - 1, obs.shape[1]
+        ended = self.termination_fn(obs[1:].flatten(0, 1))  # [H * R]
+        if tuple(ended.shape) != (h * rows,):
+            raise ShapeError(
+                f"termination_fn: expected one flag per row, [{h * rows}] for {h * rows} rows "
+                f"of next_obs, got {list(ended.shape)}; return a bool [B] tensor"
+            )
+        alive = torch.ones(h + 1, rows, dtype=torch.uint8, device=obs.device)
+        alive[1:] = ~ended.view(h, rows)
+        return alive.cumprod(dim=0).bool()
+
+    def _finite_rows(self, roll: _Rollout) -> torch.Tensor:
+        """``[R]`` bool: every reward, next observation and the terminal value of the row is
+        finite while the row is alive (:meth:`step`'s ``finite`` and ``alive``, over the
+        horizon)."""
+        ok = torch.isfinite(roll.rewards) & torch.isfinite(roll.obs[1:]).all(dim=-1)  # [H, R]
+        if roll.alive is None:
+            rows_ok = ok.all(dim=0)
+            if roll.value is not None:
+                rows_ok &= torch.isfinite(roll.value)
+            return rows_ok
+        rows_ok = (ok | ~roll.alive[:-1]).all(dim=0)
+        if roll.value is not None:
+            rows_ok &= torch.isfinite(roll.value) | ~roll.alive[-1]
+        return rows_ok
+
+    def _compiled_rollout(self) -> Callable[[RolloutState, torch.Tensor], _Rollout]:
+        if self._compiled is None:
+            self._compiled = torch.compile(self._rollout)
+        return self._compiled
+
+
+@dataclass(frozen=True)
+class _Rollout:
+    """What :meth:`PlanningProblem._rollout` hands back for ``R`` rows."""
+
+    total: torch.Tensor  # [R] float32 discounted return (non-finite where a term was)
+    suspect: torch.Tensor  # [] bool: some row may be non-finite (then resolve with the rest)
+    rewards: torch.Tensor  # [H, R] float32 reward of every step, not masked
+    obs: torch.Tensor  # [H + 1, R, X] the observations, the start first
+    alive: torch.Tensor | None  # [H + 1, R] bool alive before each step; None: never ends
+    value: torch.Tensor | None  # [R] float32 terminal value, not masked; None: no value_fn
 
 
 def _repeat_rows(state: RolloutState, b: int, n: int, p: int) -> RolloutState:
@@ -352,3 +466,15 @@ def _repeat_rows(state: RolloutState, b: int, n: int, p: int) -> RolloutState:
 
 def _learned_reward(state: RolloutState, act: torch.Tensor, nxt: RolloutState) -> torch.Tensor:
     return nxt.reward
+
+
+def _learned_rewards(
+    states: list[RolloutState], obs: torch.Tensor, acts: torch.Tensor
+) -> torch.Tensor:
+    """The model's own rewards of every step, ``[H, R]`` float32."""
+    return torch.stack([s.reward for s in states[1:]]).float()
+
+
+def _never_ended(obs: torch.Tensor) -> None:
+    """No termination: every row stays alive (no mask)."""
+    return None

@@ -22,6 +22,7 @@ generator's device and then moved to ``device``, so a CPU generator also serves 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -104,21 +105,32 @@ def colored_noise(
         raise ValueError(f"colored_noise: shape must be (N, H, U), got {tuple(shape)}")
     n, horizon, act_dim = (int(s) for s in shape)
     _check_noise_args(horizon, beta)
-    amp = power_law_amplitudes(horizon, beta)  # [F]
-    n_freq = amp.shape[0]
+    n_freq = horizon // 2 + 1
     parts = white_noise((n, act_dim, n_freq, 2), generator, device)  # [N, U, F, 2]
-    amp = amp.to(parts.device)
-    # Interior coefficients: complex with variance H (H / 2 per part); DC and Nyquist: real.
-    scale = torch.full((n_freq,), math.sqrt(horizon / 2.0), device=parts.device)  # [F]
-    imag_on = torch.ones(n_freq, device=parts.device)  # [F]
-    scale[0] = math.sqrt(horizon)
-    imag_on[0] = 0.0
-    if horizon % 2 == 0:
-        scale[-1] = math.sqrt(horizon)
-        imag_on[-1] = 0.0
-    coef = torch.complex(parts[..., 0], parts[..., 1] * imag_on) * (amp * scale)  # [N, U, F]
+    size, imag_on = _spectrum(horizon, float(beta), parts.device)  # [F], [F]
+    coef = torch.complex(parts[..., 0], parts[..., 1] * imag_on) * size  # [N, U, F]
     seq = torch.fft.irfft(coef, n=horizon, dim=-1)  # [N, U, H]
     return seq.transpose(1, 2).contiguous()  # [N, H, U]
+
+
+@functools.lru_cache(maxsize=64)
+def _spectrum(horizon: int, beta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The size of every one-sided coefficient ``[F]`` (its power-law amplitude times the size
+    of a unit white-noise coefficient) and ``[F]`` 1 where it has an imaginary part, 0 at DC and
+    (even ``H``) Nyquist; made once per horizon, exponent and device (planners draw the same
+    shape every iteration). Read-only."""
+    with torch.inference_mode(False):  # usable in and out of inference mode
+        amp = power_law_amplitudes(horizon, beta).to(device)  # [F]
+        n_freq = amp.shape[0]
+        # Interior coefficients: complex with variance H (H / 2 per part); DC, Nyquist: real.
+        scale = torch.full((n_freq,), math.sqrt(horizon / 2.0), device=device)  # [F]
+        imag_on = torch.ones(n_freq, device=device)  # [F]
+        scale[0] = math.sqrt(horizon)
+        imag_on[0] = 0.0
+        if horizon % 2 == 0:
+            scale[-1] = math.sqrt(horizon)
+            imag_on[-1] = 0.0
+        return amp * scale, imag_on
 
 
 def _check_noise_args(horizon: int, beta: float) -> None:

@@ -21,11 +21,29 @@ controller passes the previous plan's :meth:`~mbrl.planners.base.Plan.warm_start
 steps played) is the initial mean of CEM and MPPI and is itself scored as one candidate of the
 first population of every planner, so a good previous plan is never lost. ``warm.elites`` is
 read only by CEM with ``shift_elites=True`` (random shooting and MPPI ignore it).
+
+The final mean (MPPI, and CEM with ``return_mean_or_best="mean"``): ``score_mean`` says whether
+it is scored once more for :attr:`Plan.expected_return`. That costs one more pass of the model
+over the horizon (``P`` rows): on a model whose cost is per call, such as an analytic system,
+it adds ``1 / iterations`` to the plan; on one whose cost is per row (an ensemble, MuJoCo)
+about ``1 / (iterations * N)``. ``"auto"`` (the default) scores it when the plan ran at least
+two iterations (the re-score adds at most half) and skips it for a one-update plan, where it
+could double the plan. When the clipped mean equals a candidate scored in this call (MPPI's
+weights all on one candidate, say) that score is used and nothing is re-run. A skipped mean has
+``expected_return`` = the sample estimate the update was built on (MPPI: the softmax-weighted
+mean of the last iteration's finite returns; CEM: the mean of its last finite elites' returns),
+``diagnostics["mean_scored"] = 0`` (1 when scored or reused), and no ``"mean_nonfinite"``
+check: its actions are finite and within the bounds (a weighted mean of finite candidates),
+but its own rollout was not run.
+
+``compile=True`` scores every population through ``torch.compile``
+(``PlanningProblem.evaluate(..., compiled=True)``); the first plans pay the compilation.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +64,14 @@ class RandomShooting:
 
     Args:
         population: ``N >= 1`` candidates per plan.
+        compile: score the candidates through ``torch.compile`` (see the module docstring).
     """
 
-    def __init__(self, population: int = 1000) -> None:
+    def __init__(self, population: int = 1000, compile: bool = False) -> None:
         _check_int("population", population, 1)
+        _check_bool("compile", compile)
         self.population = population
+        self.compile = compile
 
     @torch.inference_mode()
     def plan(
@@ -70,7 +91,7 @@ class RandomShooting:
         )  # [N, H, U]
         if warm is not None:
             cand[-1] = mean0
-        returns = problem.evaluate(s.root, cand)  # [N]
+        returns = problem.evaluate(s.root, cand, self.compile)  # [N]
         best = int(torch.argmax(returns))
         best_return = float(returns[best])
         nonfinite = problem.nonfinite - before
@@ -123,8 +144,8 @@ class CEM:
 
     Returned plan (``return_mean_or_best``): ``"best"`` gives the best candidate scored during
     the call (its score is ``expected_return``); ``"mean"`` gives the final mean, clipped to the
-    bounds and scored once more; if that score is non-finite the best candidate is returned
-    with ``status="mean_nonfinite"``.
+    bounds and, as ``score_mean`` says (module docstring), scored once more; if that score is
+    non-finite the best candidate is returned with ``status="mean_nonfinite"``.
 
     Args:
         population: ``N`` candidates sampled in the first iteration.
@@ -138,6 +159,9 @@ class CEM:
         shift_elites: add the caller's shifted previous elites to the first population.
         population_decay: iCEM's ``gamma >= 1``.
         return_mean_or_best: ``"best"`` or ``"mean"``.
+        score_mean: ``True``, ``False`` or ``"auto"``: score the final mean once more for
+            ``expected_return`` (``"mean"`` only; module docstring).
+        compile: score the populations through ``torch.compile``.
     """
 
     def __init__(
@@ -153,6 +177,8 @@ class CEM:
         shift_elites: bool = False,
         population_decay: float = 1.0,
         return_mean_or_best: str = "best",
+        score_mean: bool | str = "auto",
+        compile: bool = False,
     ) -> None:
         _check_int("population", population, 1)
         _check_int("iterations", iterations, 1)
@@ -168,6 +194,8 @@ class CEM:
             raise ValueError(
                 f"return_mean_or_best must be 'best' or 'mean', got {return_mean_or_best!r}"
             )
+        _check_score_mean(score_mean)
+        _check_bool("compile", compile)
         self.population = population
         self.elite_fraction = elite_fraction
         self.iterations = iterations
@@ -179,6 +207,9 @@ class CEM:
         self.shift_elites = shift_elites
         self.population_decay = population_decay
         self.return_mean_or_best = return_mean_or_best
+        self.score_mean = score_mean
+        self.compile = compile
+        self._scores_mean = _resolve_score_mean(score_mean, iterations)
         self.num_elites = max(1, round(elite_fraction * population))
         floor = min(2 * self.num_elites, population)
         self.populations = tuple(
@@ -239,7 +270,7 @@ class CEM:
         candidates = 0
         for i, n_i in enumerate(self.populations):
             noise = self._noise((n_i, h, u), gen, device)  # [n_i, H, U]
-            cand = torch.minimum(torch.maximum(mean + std * noise, low), high)  # [n_i, H, U]
+            cand = torch.clamp(mean + std * noise, low, high)  # [n_i, H, U]
             extra = []
             if i == 0:
                 if warm is not None:
@@ -250,7 +281,7 @@ class CEM:
                 extra.append(reused)
             if extra:
                 cand = torch.cat([cand, *extra], dim=0)  # [N_i, H, U]
-            returns = problem.evaluate(s.root, cand)  # [N_i]
+            returns = problem.evaluate(s.root, cand, self.compile)  # [N_i]
             candidates += cand.shape[0]
             k = min(self.num_elites, cand.shape[0])
             top_returns, top_idx = torch.topk(returns, k)  # [K], [K]
@@ -286,8 +317,23 @@ class CEM:
             return plan_of(mean0, best, status="all_nonfinite", nonfinite=nonfinite_before_mean)
         if self.return_mean_or_best == "best":
             return plan_of(best_actions, best, nonfinite=nonfinite_before_mean)
-        mean = torch.minimum(torch.maximum(mean, low), high)
-        mean_return = float(problem.evaluate(s.root, mean[None])[0])
+        mean = torch.clamp(mean, low, high)
+
+        def estimate() -> torch.Tensor:
+            """The last refit's sample estimate: the mean of its finite elites' returns."""
+            elite_returns = torch.where(weight > 0, top_returns, 0.0)  # [K]
+            return torch.where(any_finite, (w.view(-1) * elite_returns).sum(), best_return)
+
+        mean_return, scored = _mean_return(
+            problem,
+            s.root,
+            mean,
+            (best_actions, best_return),
+            estimate,
+            self._scores_mean,
+            self.compile,
+        )
+        diagnostics["mean_scored"] = float(scored)
         nonfinite = problem.nonfinite - before
         if not math.isfinite(mean_return):
             return plan_of(best_actions, best, status="mean_nonfinite", nonfinite=nonfinite)
@@ -305,7 +351,8 @@ class MPPI:
     ``lambda * u^T Sigma^-1 eps`` of the paper is left out (it is constant for a fixed
     ``temperature`` up to the mean's own contribution and most implementations drop it).
 
-    Stopping rule: exactly ``iterations`` updates. The final mean is clipped to the bounds and
+    Stopping rule: exactly ``iterations`` updates. The final mean is clipped to the bounds and,
+    as ``score_mean`` says (module docstring: ``"auto"`` scores it for two or more iterations),
     scored once more; if that score is non-finite, the best sampled candidate is returned with
     ``status="mean_nonfinite"``.
 
@@ -315,6 +362,9 @@ class MPPI:
         noise_std: exploration std in action units, ``> 0``.
         iterations: updates per plan, ``>= 1``.
         noise_beta: colored-noise exponent ``>= 0`` (0: white).
+        score_mean: ``True``, ``False`` or ``"auto"``: score the final mean once more for
+            ``expected_return``.
+        compile: score the populations through ``torch.compile``.
     """
 
     def __init__(
@@ -324,17 +374,24 @@ class MPPI:
         noise_std: float = 0.5,
         iterations: int = 1,
         noise_beta: float = 0.0,
+        score_mean: bool | str = "auto",
+        compile: bool = False,
     ) -> None:
         _check_int("population", population, 1)
         _check_int("iterations", iterations, 1)
         _check_range("temperature", temperature, 0.0, math.inf, low_open=True)
         _check_range("noise_std", noise_std, 0.0, math.inf, low_open=True)
         _check_range("noise_beta", noise_beta, 0.0, math.inf, high_open=True)
+        _check_score_mean(score_mean)
+        _check_bool("compile", compile)
         self.population = population
         self.temperature = temperature
         self.noise_std = noise_std
         self.iterations = iterations
         self.noise_beta = noise_beta
+        self.score_mean = score_mean
+        self.compile = compile
+        self._scores_mean = _resolve_score_mean(score_mean, iterations)
 
     @torch.inference_mode()
     def plan(
@@ -358,19 +415,20 @@ class MPPI:
                 eps = white_noise((self.population, h, u), gen, device)  # [N, H, U]
             else:
                 eps = colored_noise((self.population, h, u), self.noise_beta, gen, device)
-            cand = torch.minimum(torch.maximum(mean + self.noise_std * eps, low), high)
+            cand = eps.mul_(self.noise_std).add_(mean).clamp_(low, high)  # [N, H, U]
             if i == 0 and warm is not None:
                 cand = torch.cat([cand, mean0[None]], dim=0)  # [N + 1, H, U]
-            returns = problem.evaluate(s.root, cand)  # [N]
+            returns = problem.evaluate(s.root, cand, self.compile)  # [N]
             top = returns.max()
             # softmax over finite candidates; all -inf leaves the mean where it is
             weight = torch.softmax((returns - top.clamp(min=-1e30)) / self.temperature, dim=0)
             weight = torch.nan_to_num(weight, nan=0.0)  # [N]
             any_finite = torch.isfinite(top)
             mean = torch.where(any_finite, (weight[:, None, None] * cand).sum(dim=0), mean)
+            top_actions = cand[torch.argmax(returns)]  # [H, U]
             improved = top > best_return
             best_return = torch.where(improved, top, best_return)
-            best_actions = torch.where(improved, cand[torch.argmax(returns)], best_actions)
+            best_actions = torch.where(improved, top_actions, best_actions)
         best = float(best_return)
         diagnostics = {"best_return": best}
         if not math.isfinite(best):
@@ -382,8 +440,17 @@ class MPPI:
                 nonfinite=problem.nonfinite - before,
                 diagnostics=diagnostics,
             )
-        mean = torch.minimum(torch.maximum(mean, low), high)
-        mean_return = float(problem.evaluate(s.root, mean[None])[0])
+        mean = torch.clamp(mean, low, high)
+
+        def estimate() -> torch.Tensor:
+            """The last update's sample estimate: the weighted mean of its finite returns."""
+            finite_returns = torch.where(weight > 0, returns, 0.0)  # [N]
+            return torch.where(any_finite, (weight * finite_returns).sum(), best_return)
+
+        mean_return, scored = _mean_return(
+            problem, s.root, mean, (top_actions, top), estimate, self._scores_mean, self.compile
+        )
+        diagnostics["mean_scored"] = float(scored)
         nonfinite = problem.nonfinite - before
         if not math.isfinite(mean_return):
             return Plan(
@@ -452,6 +519,45 @@ def _setup(problem: PlanningProblem, x0: torch.Tensor | Belief, warm: WarmStart 
         _check_actions("warm.actions", warm.actions, (h, u), "[H, U]")
         mean0 = torch.minimum(torch.maximum(warm.actions.to(low), low), high)  # [H, U]
     return _Setup(problem.start(x0), low, high, mean0, device)
+
+
+def _mean_return(
+    problem: PlanningProblem,
+    root: RolloutState,
+    mean: torch.Tensor,
+    scored: tuple[torch.Tensor, torch.Tensor],
+    estimate: Callable[[], torch.Tensor],
+    score: bool,
+    compiled: bool,
+) -> tuple[float, bool]:
+    """The final mean's ``expected_return`` and whether it is the mean's own score.
+
+    ``scored`` is a candidate ``[H, U]`` scored in this call and its score ``[]``: equal to
+    ``mean [H, U]``, its score is the mean's. Otherwise the mean is scored from ``root`` when
+    ``score``, else ``estimate()`` ``[]`` (the planner's sample estimate) stands in.
+    """
+    actions, actions_return = scored
+    if torch.equal(mean, actions):
+        return float(actions_return), True
+    if score:
+        return float(problem.evaluate(root, mean[None], compiled)[0]), True
+    return float(estimate()), False
+
+
+def _resolve_score_mean(score_mean: bool | str, iterations: int) -> bool:
+    """``score_mean`` as a bool: ``"auto"`` scores the mean of plans of two or more iterations,
+    where the re-score adds at most half of the plan's model calls."""
+    return score_mean if isinstance(score_mean, bool) else iterations >= 2
+
+
+def _check_score_mean(score_mean: object) -> None:
+    if not (isinstance(score_mean, bool) or score_mean == "auto"):
+        raise ValueError(f"score_mean must be True, False or 'auto', got {score_mean!r}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_actions(name: str, actions: torch.Tensor, expected: tuple, letters: str) -> None:

@@ -157,6 +157,18 @@ class PlannerConfig:
     """Scale Q values to [0, 1] by the tree's min and max before selection (mcts)."""
     reuse_tree: bool = False
     """Keep the subtree below the played action for the next plan (mcts)."""
+    compile: bool = False
+    """Run the rollouts of the sampling planners (random, cem, icem, mppi) through
+    torch.compile: fewer, fused kernels on cheap models; each new population size compiles
+    once (seconds)."""
+
+    def __post_init__(self) -> None:
+        if self.compile and self.name in ("ilqr", "mcts"):
+            raise ConfigError(
+                f"planner.compile=true compiles the rollouts of the sampling planners (random, "
+                f"cem, icem, mppi), not {self.name}; set planner.compile=false or pick one of "
+                "those planners"
+            )
 
 
 @dataclass
@@ -264,7 +276,7 @@ def make_ensemble(
 def make_planner(cfg: PlannerConfig) -> Planner:
     """The planner named ``cfg.name``, with the fields of ``cfg`` it reads."""
     if cfg.name == "random":
-        return RandomShooting(population=cfg.population)
+        return RandomShooting(population=cfg.population, compile=cfg.compile)
     if cfg.name == "mppi":
         return MPPI(
             population=cfg.population,
@@ -272,6 +284,7 @@ def make_planner(cfg: PlannerConfig) -> Planner:
             noise_std=cfg.noise_std,
             iterations=cfg.iterations,
             noise_beta=cfg.noise_beta,
+            compile=cfg.compile,
         )
     if cfg.name == "ilqr":
         return ILQR(max_iterations=cfg.max_iterations)
@@ -297,6 +310,7 @@ def make_planner(cfg: PlannerConfig) -> Planner:
         "elite_fraction": cfg.elite_fraction,
         "iterations": cfg.iterations,
         "alpha": cfg.alpha,
+        "compile": cfg.compile,
     }
     if cfg.name == "cem":
         return CEM(**cem)
