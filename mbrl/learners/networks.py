@@ -5,6 +5,14 @@ Polyak averaging, and the map between env action units and the policy's ``[-1, 1
 actor is ``E = 1``): every weight is ``[E, in, out]`` and a forward pass is one batched matmul per
 layer, so members are never looped over in Python. Initialisation draws from an explicit
 ``torch.Generator`` (same seed, same weights).
+
+With ``narrow=True`` the products of a layer whose input or output has fewer than
+:data:`NARROW` features (a critic's 1-unit head, an actor's ``2U`` outputs, a first layer's few
+inputs) are computed transposed, ``(B^T A^T)^T`` for ``A B``: CPU BLAS kernels run a product
+with a handful of output columns several times slower than the same product with a handful of
+rows (a ``[2, 256, 256] x [2, 256, 1]`` head takes about 150 us against 35 us transposed on one
+thread, forward or backward). The numbers are those of the plain products up to float32
+rounding.
 """
 
 from __future__ import annotations
@@ -17,15 +25,57 @@ from torch import nn
 
 from mbrl.shapes import feature_indices
 
+NARROW = 16
+"""Layers with fewer input or output features than this take the transposed products."""
+
+
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``a [E, M, K]``, ``b [E, K, N]``; as ``(b^T a^T)^T`` when ``N < NARROW``."""
+    if b.shape[-1] < NARROW:
+        return torch.bmm(b.mT, a.mT).mT
+    return torch.bmm(a, b)
+
+
+class _NarrowAffine(torch.autograd.Function):
+    """``x @ W + b`` (``x [E, B, in]``, ``W [E, in, out]``, ``b [E, 1, out]``) with every product
+    of the forward and backward pass in its faster orientation (:func:`_product`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        if weight.shape[-1] < NARROW:
+            return torch.baddbmm(bias.mT, weight.mT, x.mT).mT  # [E, B, out]
+        return torch.baddbmm(bias, x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad [E, B, out]
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        gx = gw = gb = None
+        if need_x:  # [E, B, in]; one output feature: a broadcast product, no matmul
+            gx = grad * weight.mT if weight.shape[-1] == 1 else _product(grad, weight.mT)
+        if need_w:
+            gw = _product(x.mT, grad).contiguous()  # [E, in, out]
+        if need_b:
+            gb = grad.sum(1, keepdim=True)  # [E, 1, out]
+        return gx, gw, gb
+
 
 class EnsembleLinear(nn.Module):
     """``E`` affine maps applied at once: ``x [E, B, in] -> x @ W + b : [E, B, out]``.
 
-    Initialised like ``torch.nn.Linear``: weights and biases uniform in ``+-1/sqrt(in)``.
+    Initialised like ``torch.nn.Linear``: weights and biases uniform in ``+-1/sqrt(in)``. With
+    ``narrow`` and fewer than :data:`NARROW` input or output features, the products run
+    transposed (module docstring).
     """
 
     def __init__(
-        self, members: int, in_dim: int, out_dim: int, generator: torch.Generator | None = None
+        self,
+        members: int,
+        in_dim: int,
+        out_dim: int,
+        generator: torch.Generator | None = None,
+        narrow: bool = False,
     ) -> None:
         super().__init__()
         bound = 1.0 / math.sqrt(in_dim)
@@ -35,8 +85,11 @@ class EnsembleLinear(nn.Module):
         nn.init.uniform_(bias, -bound, bound, generator=generator)
         self.weight = nn.Parameter(weight)  # [E, in, out]
         self.bias = nn.Parameter(bias)  # [E, 1, out]
+        self.transposed = narrow and min(in_dim, out_dim) < NARROW
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return _NarrowAffine.apply(x, self.weight, self.bias)
         return torch.baddbmm(self.bias, x, self.weight)
 
 
@@ -46,7 +99,8 @@ class EnsembleMLP(nn.Module):
     ``forward(x)`` takes ``x [B, in]`` (shared by all members) or ``x [E, B, in]`` and returns
     ``[E, B, out]``. With ``inputs``, the first layer reads only those features of ``x`` (in that
     order); the others are never seen. Built on CPU from ``generator``; move it with
-    ``.to(device)``.
+    ``.to(device)``. ``narrow`` picks the transposed products for narrow layers
+    (:class:`EnsembleLinear`).
     """
 
     def __init__(
@@ -58,6 +112,7 @@ class EnsembleMLP(nn.Module):
         num_layers: int,
         generator: torch.Generator | None = None,
         inputs: Sequence[int] | None = None,
+        narrow: bool = False,
     ) -> None:
         super().__init__()
         if members < 1 or num_layers < 0 or hidden_size < 1:
@@ -80,7 +135,7 @@ class EnsembleMLP(nn.Module):
         sizes = [read] + [hidden_size] * num_layers + [out_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(EnsembleLinear(members, a, b, generator))
+            layers.append(EnsembleLinear(members, a, b, generator, narrow))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())
         self.net = nn.Sequential(*layers)
@@ -99,6 +154,29 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     t_params = list(target.parameters())
     s_params = list(source.parameters())
     torch._foreach_lerp_(t_params, s_params, tau)
+
+
+FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
+"""Device types with torch's fused Adam kernel (one kernel for every parameter's update)."""
+
+
+def adam(params: Sequence[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """``torch.optim.Adam(params, lr)``, fused where the device has the kernel: the same update
+    up to float32 rounding, without a Python loop over parameters (about 2.5x faster for a
+    twin critic on one CPU thread)."""
+    params = list(params)
+    fused = params[0].device.type in FUSED_ADAM_DEVICES
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+def load_adam(opt: torch.optim.Adam, state: dict) -> None:
+    """Load ``state`` into ``opt`` keeping ``opt``'s kernel choice (``fused``, ``foreach``): a
+    state saved by an unfused optimizer continues fused, with the same moments and steps."""
+    groups = [
+        {**saved, "fused": own["fused"], "foreach": own["foreach"]}
+        for saved, own in zip(state["param_groups"], opt.param_groups, strict=False)
+    ]
+    opt.load_state_dict({**state, "param_groups": groups})
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
