@@ -6,7 +6,8 @@ head ``x -> v`` and a linear prior head ``x -> logits [A]``, discount 0.99, no t
 The same weights (drawn in torch from seed 0) are exported to jax. MCTS runs
 ``MCTS(rule="puct", normalize_values=True, max_depth=S).search`` (the step is the learned
 model through ``PlanningProblem.step``, the value head is ``value_fn``, the prior head is
-``prior``); mctx runs ``jax.jit(mctx.muzero_policy)`` with ``dirichlet_fraction=0`` and its
+``prior``, a ``Categorical`` of its logits without argument validation, as mctx takes its
+logits); mctx runs ``jax.jit(mctx.muzero_policy)`` with ``dirichlet_fraction=0`` and its
 default ``max_depth`` (``S``), and, for reference, ``jax.jit(mctx.gumbel_muzero_policy)``
 (``max_num_considered_actions=2``).
 
@@ -103,7 +104,9 @@ def torch_side(weights: dict[str, list], roots: list, simulations: int):
         return (state.obs @ w["wv"] + w["bv"])[:, 0]
 
     def prior(state: RolloutState) -> torch.distributions.Distribution:
-        return torch.distributions.Categorical(logits=state.obs @ w["wp"] + w["bp"])
+        # no argument validation: the logits are the model's own (mctx takes them as they are)
+        logits = state.obs @ w["wp"] + w["bp"]
+        return torch.distributions.Categorical(logits=logits, validate_args=False)
 
     problem = PlanningProblem(
         ToyModel(),

@@ -11,13 +11,16 @@ too), so both get the same model budget per env step.
 
     python experiments/bench_mcts_quality.py [--episodes 10] [--simulations 64] ...
 
-With ``--no-cem`` only MCTS runs, which is how a discrete env is measured (CEM plans boxes):
+``--episode-ids 3,4,9`` runs those episodes only (one planner generator through them, in that
+order). With ``--no-cem`` only MCTS runs, which is how a discrete env is measured (CEM plans
+boxes):
 
     python experiments/bench_mcts_quality.py --env CartPole-v1 --horizon 25 \
         --rollout-depth 25 --reuse-tree --no-cem
 
 Prints one JSON object: per planner the returns of every episode, their mean and standard
-deviation, model steps and wall seconds per plan; and CEM's mean over MCTS's.
+deviation, model steps and wall seconds per plan, CPU seconds per env step (the plan and the
+env step, one thread); and CEM's mean over MCTS's.
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ def closed_loop(env_name: str, planner, horizon: int, torques: int | None, args)
     controller = MPCController(planner, problem)
     env = spec.make()
     returns, plans, seconds = [], 0, 0.0
-    for i in range(args.episodes):
+    cpu = time.process_time()
+    for i in episode_ids(args):
         controller.reset_stats()
         ep = run_episode(
             env,
@@ -87,22 +91,36 @@ def closed_loop(env_name: str, planner, horizon: int, torques: int | None, args)
         "std": float(np.std(returns)),
         "model_steps_per_plan": model.rows / plans,
         "seconds_per_plan": seconds / plans,
+        "cpu_seconds_per_step": (time.process_time() - cpu) / plans,  # planning and the env
     }
+
+
+def episode_ids(args: argparse.Namespace) -> list[int]:
+    """The episode indices to run: ``--episode-ids`` in their order, else ``0 .. N - 1``."""
+    if args.episode_ids is None:
+        return list(range(args.episodes))
+    return [int(i) for i in args.episode_ids.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="pendulum")
     parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument(
+        "--episode-ids", default=None, help="comma-separated episode indices (instead of 0..N-1)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--horizon", type=int, default=30, help="H of both planners")
     parser.add_argument("--torques", type=int, default=11, help="MCTS's torque grid")
     parser.add_argument("--simulations", type=int, default=64)
     parser.add_argument("--rollout-depth", type=int, default=0)
+    parser.add_argument("--rollout-policy", choices=("random", "repeat"), default="random")
     parser.add_argument("--exploration", type=float, default=1.25)
     parser.add_argument("--max-depth", type=int, default=None, help="None: the horizon")
     parser.add_argument("--discount", type=float, default=1.0, help="gamma of both planners")
     parser.add_argument("--reuse-tree", action="store_true")
+    parser.add_argument("--leaves-per-wave", type=int, default=1, help="K leaves per model call")
+    parser.add_argument("--virtual-loss", type=float, default=1.0)
     parser.add_argument("--no-cem", action="store_true", help="MCTS only (discrete envs)")
     parser.add_argument("--cem-iterations", type=int, default=3)
     parser.add_argument("--cem-population", type=int, default=0, help="0: equal model steps")
@@ -113,13 +131,23 @@ def main() -> None:
         simulations=args.simulations,
         exploration=args.exploration,
         rollout_depth=args.rollout_depth,
+        rollout_policy=args.rollout_policy,
         max_depth=args.max_depth,
         reuse_tree=args.reuse_tree,
+        leaves_per_wave=args.leaves_per_wave,
+        virtual_loss=args.virtual_loss,
     )
     print("mcts", flush=True)
-    out = {"env": args.env, "episodes": args.episodes, "seed": args.seed, "horizon": args.horizon}
+    out = {"env": args.env, "episodes": episode_ids(args), "seed": args.seed}
+    out["horizon"] = args.horizon
     out["mcts"] = closed_loop(args.env, mcts, args.horizon, args.torques, args)
-    out["mcts"].update(simulations=args.simulations, rollout_depth=args.rollout_depth)
+    out["mcts"].update(
+        simulations=args.simulations,
+        rollout_depth=args.rollout_depth,
+        rollout_policy=args.rollout_policy,
+        leaves_per_wave=args.leaves_per_wave,
+        virtual_loss=args.virtual_loss,
+    )
     if args.no_cem:
         out["wall_seconds"] = time.perf_counter() - start
         print(json.dumps(out, indent=1))

@@ -52,10 +52,27 @@ Actions (``A`` slots per node):
   distribution of the drawn states).
 
 Leaf value: ``problem.value_fn`` of the leaf; else the discounted return of ``rollout_depth``
-steps of uniformly random actions through ``problem.step`` (cut short once every particle has
-terminated); else 0. A terminated node (every particle dead) is a leaf that is never
-expanded; its value is 0 and revisiting it backs up 0.
+steps of a default policy through ``problem.step`` (cut short once every particle has
+terminated); else 0. The default policy (``rollout_policy``) is uniformly random actions, or
+``"repeat"``: the action into the leaf, held for the whole rollout (the root's own rollout is
+random). A terminated node (every particle dead) is a leaf that is never expanded; its value
+is 0 and revisiting it backs up 0.
 A node at ``max_depth`` is never expanded either; revisiting it backs up its leaf value again.
+
+Waves (``leaves_per_wave = K > 1``): ``K`` descents are made one after another before any of
+their leaves is evaluated, then one model step expands all ``K * B`` leaves, their leaf values
+(and rollouts) run as one batch, and all ``K`` returns are backed up; a wave never holds more
+descents than a tree of its nodes has actions without a child, ``(A - 1) * nodes + 1``. Between
+the descents of a wave the paths are pending, as virtual loss in tree-parallel MCTS (Chaslot
+et al. 2008, "Parallel Monte-Carlo Tree Search"), in the form of WU-UCT (Liu et al. 2020,
+"Watch the Unobserved"): every pending descent counts one more visit of each node and edge it
+passed, at the current mean (``Q`` unchanged, ``N`` larger), and takes ``virtual_loss * n_p /
+(N(s, a) + n_p)`` off the edge's ``Q'`` (``n_p`` pending descents through it; ``Q'`` is in
+``[0, 1]`` when ``normalize_values``). The edge a descent will expand is blocked for the rest
+of the wave; a descent that reaches a node whose every action is blocked blocks the edge into
+it (and into each ancestor blocked everywhere then) and descends again, and one whose root is
+blocked everywhere is a collision: it backs up nothing (:attr:`SearchResult.collisions`). With
+``K = 1`` the search is the sequential one above.
 
 Particles: each node holds the ``P`` particle rows of its state (start-major); a step's reward
 is the mean over particles with the rewards of particles that terminated earlier counted 0, and
@@ -92,10 +109,13 @@ from mbrl.shapes import ShapeError
 
 Rule = Literal["uct", "puct"]
 ActionMode = Literal["discrete", "widening", "sampled"]
+RolloutPolicy = Literal["random", "repeat"]
 
 _RULES = ("uct", "puct")
 _ACTION_MODES = ("discrete", "widening", "sampled")
+_ROLLOUT_POLICIES = ("random", "repeat")
 _NORM_EPS = 1e-8  # the smallest min-max denominator (mctx's epsilon)
+_BLOCKED = 1e30  # the penalty of an edge claimed in the current wave
 _CARRY_PREFIX = "mcts."
 
 
@@ -154,6 +174,7 @@ class SearchResult:
     tree: Tree
     nonfinite: int  # actions pruned because a step or value went non-finite
     simulations: int  # S simulations run
+    collisions: int = 0  # descents of a wave whose root was blocked everywhere (nothing backed)
 
     @property
     def action_weights(self) -> torch.Tensor:
@@ -180,12 +201,18 @@ class MCTS:
         double_widening: also widen over sampled next states (``"widening"`` only).
         dirichlet_alpha: root prior noise ``Dir(alpha)`` (PUCT only); ``None`` for none.
         dirichlet_fraction: weight of the noise in ``[0, 1]``.
-        rollout_depth: random-action steps for the leaf value when ``problem.value_fn`` is
+        rollout_depth: default-policy steps for the leaf value when ``problem.value_fn`` is
             ``None`` (0: leaf value 0).
+        rollout_policy: ``"random"`` (uniformly random actions) or ``"repeat"`` (the action
+            into the leaf, held).
         normalize_values: min-max normalize ``Q`` over parent and siblings (MuZero / mctx).
         reuse_tree: keep the tree in ``Plan.warm`` and continue from the subtree whose root
             state equals the next ``x0`` (deterministic models; a fresh tree otherwise).
         puct_base: ``c2`` of PUCT (``math.inf`` drops the term).
+        leaves_per_wave: ``K >= 1`` descents per wave that share one model step and one
+            leaf evaluation (1: one leaf per model call, the plain sequential search).
+        virtual_loss: with ``K > 1``, what a pending descent takes off the ``Q'`` of each
+            edge it passed (>= 0; see the module docstring).
 
     Raises:
         ValueError: an argument out of range, naming it and its value.
@@ -205,9 +232,12 @@ class MCTS:
         dirichlet_alpha: float | None = None,
         dirichlet_fraction: float = 0.25,
         rollout_depth: int = 0,
+        rollout_policy: RolloutPolicy = "random",
         normalize_values: bool = True,
         reuse_tree: bool = False,
         puct_base: float = 19652.0,
+        leaves_per_wave: int = 1,
+        virtual_loss: float = 1.0,
     ) -> None:
         _check_int("simulations", simulations, 1)
         if rule not in _RULES:
@@ -233,7 +263,13 @@ class MCTS:
                 )
         _check_float("dirichlet_fraction", dirichlet_fraction, low=0.0, high=1.0)
         _check_int("rollout_depth", rollout_depth, 0)
+        if rollout_policy not in _ROLLOUT_POLICIES:
+            raise ValueError(
+                f"rollout_policy must be one of {list(_ROLLOUT_POLICIES)}, got {rollout_policy!r}"
+            )
         _check_float("puct_base", puct_base, low=0.0, open_low=True, finite=False)
+        _check_int("leaves_per_wave", leaves_per_wave, 1)
+        _check_float("virtual_loss", virtual_loss, low=0.0)
         self.simulations = simulations
         self.rule = rule
         self.exploration = float(exploration)
@@ -246,9 +282,12 @@ class MCTS:
         self.dirichlet_alpha = None if dirichlet_alpha is None else float(dirichlet_alpha)
         self.dirichlet_fraction = float(dirichlet_fraction)
         self.rollout_depth = rollout_depth
+        self.rollout_policy = rollout_policy
         self.normalize_values = bool(normalize_values)
         self.reuse_tree = bool(reuse_tree)
         self.puct_base = float(puct_base)
+        self.leaves_per_wave = leaves_per_wave
+        self.virtual_loss = float(virtual_loss)
 
     # ------------------------------------------------------------------ planner
 
@@ -294,6 +333,7 @@ class MCTS:
                 "nodes": float(res.tree.used),
                 "path_length": float(res.path_length[0]),
                 "max_depth": float(res.tree.depths[0, : res.tree.used].max()),
+                "collisions": float(res.collisions),
             },
             extras={
                 "visit_counts": res.visit_counts[0].clone(),
@@ -356,11 +396,45 @@ class MCTS:
 class _Selection:
     """What a descent reads, per flat node index ``[B * M]``: the action the selection rule
     picks now, the node it leads to (flat; the root's sink when that child does not exist yet
-    or may not be passed through) and whether a descent may pass through the node."""
+    or may not be passed through) and whether a descent may pass through the node; and per
+    flat edge ``[B * M * A]`` (one next state per action) the node a descent passes to through
+    it (the root's sink where there is none)."""
 
     best: torch.Tensor  # [B * M] long
     next: torch.Tensor  # [B * M] long
     open: torch.Tensor  # [B * M] bool
+    through: torch.Tensor | None  # [B * M * A] long; None with double widening
+
+
+@dataclass(frozen=True)
+class _Descent:
+    """One descent per root: flat node indices, ``[B]`` each (``[K * B]`` for a wave of
+    ``K``, descent-major)."""
+
+    path: torch.Tensor  # [B, L] P_0 .. P_level, then the sink
+    level: torch.Tensor  # [B] long depth of the last node P_level
+    node: torch.Tensor  # [B] P_level
+    choice: torch.Tensor  # [B] the action slot it takes
+    edge: torch.Tensor  # [B] flat edge (P_level, choice)
+    slot: torch.Tensor  # [B] flat child slot of that edge a new child goes to
+    child: torch.Tensor  # [B] local index of the child it leads to, -1 for none yet
+    dead: torch.Tensor  # [B] bool: every action of P_level is pruned
+    new: torch.Tensor  # [B] flat node slot a new child is written to
+
+
+_DESCENT = ("level", "node", "choice", "edge", "slot", "child", "dead", "new")
+
+
+def _merge(old: _Descent, new: _Descent, take: torch.Tensor, sinks: torch.Tensor) -> _Descent:
+    """``new``'s rows where ``take [B]``, else ``old``'s (paths padded with ``sinks [B]``)."""
+    steps = max(old.path.shape[1], new.path.shape[1])
+
+    def pad(path: torch.Tensor) -> torch.Tensor:
+        return torch.cat([path, sinks[:, None].expand(-1, steps - path.shape[1])], dim=1)
+
+    path = torch.where(take[:, None], pad(new.path), pad(old.path))
+    fields = {f: torch.where(take, getattr(new, f), getattr(old, f)) for f in _DESCENT}
+    return _Descent(path, **fields)
 
 
 class _Search:
@@ -376,6 +450,7 @@ class _Search:
 
     def __init__(self, cfg: MCTS, problem: PlanningProblem, b: int, p: int, device) -> None:
         self.cfg = cfg
+        self.repeat = cfg.rollout_policy == "repeat"
         self.problem = problem
         self.b, self.p, self.device = b, p, device
         self.discrete = cfg.actions == "discrete"
@@ -387,6 +462,9 @@ class _Search:
         self.uct = cfg.rule == "uct"
         self.use_prior = cfg.rule == "puct" and self.discrete and problem.prior is not None
         self.pruning = False  # whether any action of the tree is pruned
+        self.none_dead = torch.zeros(b, dtype=torch.bool, device=device)  # [B] all False
+        self.waves = cfg.leaves_per_wave > 1
+        self.touched: list[torch.Tensor] | None = None  # nodes refreshed in the current wave
         self.slots = torch.arange(self.a, device=device)  # [A]
         self.particle_idx = torch.arange(p, device=device)  # [P]
         self.bidx = torch.arange(b, device=device)  # [B]
@@ -399,7 +477,7 @@ class _Search:
         returns = torch.where(power >= 0, self.gamma ** power.clamp(min=0), 0.0)
         self.returns = returns.float().to(device)  # [D + 1, D + 1]
         self.positions = torch.arange(n, device=device)  # [D + 1]
-        self.zero_col = torch.zeros(b, 1, device=device)
+        self.zero_col = torch.zeros(b * cfg.leaves_per_wave, 1, device=device)
 
     # ---------------------------------------------------------------- set-up
 
@@ -417,7 +495,7 @@ class _Search:
         zeros = torch.zeros(b, dtype=torch.long, device=dev)
         none = torch.full((b,), -1, dtype=torch.long, device=dev)
         reward = torch.zeros(b, dtype=torch.float32, device=dev)
-        self.write_node(tree, self.bidx * (m + 1), root, alive, value, reward, none, zeros)
+        self.write_node(tree, self.bidx * (m + 1), root, alive, value, reward, none, zeros, zeros)
         tree.visits[:, 0] = 1.0
         tree.value_sums[:, 0] = value
         return tree
@@ -432,10 +510,12 @@ class _Search:
         reward: torch.Tensor,
         parent: torch.Tensor,
         action: torch.Tensor,
+        depth: torch.Tensor,
     ) -> torch.Tensor:
-        """Write the nodes of flat indices ``flat [B]`` (free slots, one per root): their state
-        rows, leaf value, prior and sampled actions, and return ``[B]`` whether each is
-        terminal. Statistics start at zero (the backup counts the first visit)."""
+        """Write the nodes of flat indices ``flat [R]`` (free slots): their state rows, leaf
+        value, parent (local index, -1 for none), action from the parent, depth, prior and
+        sampled actions, and return ``[R]`` whether each is terminal. Statistics start at zero
+        (the backup counts the first visit)."""
         p = self.p
         rows = flat if p == 1 else ((flat * p)[:, None] + self.particle_idx).reshape(-1)
         for name in _STATE_FIELDS:
@@ -450,27 +530,26 @@ class _Search:
         tree.terminal.view(-1).index_copy_(0, flat, terminal)
         tree.parents.view(-1).index_copy_(0, flat, parent)
         tree.actions_from_parent.view(-1).index_copy_(0, flat, action)
-        m = tree.visits.shape[1]
-        base = flat - flat % m
-        depths = tree.depths.view(-1)
-        parent_depth = depths.index_select(0, base + parent.clamp(min=0))
-        depths.index_copy_(0, flat, torch.where(parent >= 0, parent_depth + 1, 0))
+        tree.depths.view(-1).index_copy_(0, flat, depth)
         if self.use_prior:
             tree.priors.view(-1, self.a).index_copy_(0, flat, self.prior_probs(state))
         if tree.node_actions is not None:
             u = tree.node_actions.shape[-1]
-            actions = self.sample_actions(state)  # [B, A, U]
+            actions = self.sample_actions(state)  # [R, A, U]
             tree.node_actions.view(-1, self.a, u).index_copy_(0, flat, actions)
         return terminal
 
     # ---------------------------------------------------------------- model calls
 
     def leaf_value(
-        self, state: RolloutState, alive: torch.Tensor
+        self, state: RolloutState, alive: torch.Tensor, action: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Particle-mean leaf value ``[B]`` of ``state`` (``B * P`` rows) with ``alive [B, P]``,
-        and ``[B]`` whether a live particle's value went non-finite."""
-        problem, b, p = self.problem, self.b, self.p
+        """Particle-mean leaf value ``[R]`` of ``state`` (``R * P`` rows: ``R`` nodes) with
+        ``alive [R, P]``, and ``[R]`` whether a live particle's value went non-finite;
+        ``action [R * P, U]`` is the action into each row, which ``rollout_policy="repeat"``
+        holds (``None``: random, the root's)."""
+        problem, p = self.problem, self.p
+        b = alive.shape[0]
         if problem.value_fn is not None:
             value = problem.value_fn(state)
             if tuple(value.shape) != (b * p,):
@@ -485,8 +564,9 @@ class _Search:
         total = torch.zeros(b, p, dtype=torch.float32, device=self.device)
         bad = torch.zeros(b, dtype=torch.bool, device=self.device)
         live = alive.clone()
+        held = action if self.repeat else None
         for t in range(self.cfg.rollout_depth):
-            act = self.random_actions(b * p)
+            act = self.random_actions(b * p) if held is None else held
             step = problem.step(state, act)
             finite = step.finite.view(b, p)
             bad |= (live & ~finite).any(dim=1)
@@ -511,8 +591,10 @@ class _Search:
         )
 
     def prior_probs(self, state: RolloutState) -> torch.Tensor:
-        """``[B, A]`` prior probabilities of the ``A`` discrete actions (particle mean)."""
-        problem, b, p, a = self.problem, self.b, self.p, self.a
+        """``[R, A]`` prior probabilities of the ``A`` discrete actions (particle mean) of the
+        ``R`` nodes of ``state`` (``R * P`` rows)."""
+        problem, p, a = self.problem, self.p, self.a
+        b = state.obs.shape[0] // p
         r = b * p
         dist = problem.prior(state)
         batch = tuple(getattr(dist, "batch_shape", ()))
@@ -536,9 +618,11 @@ class _Search:
         return torch.where(total > 0, probs / total.clamp(min=1e-30), 1.0 / a)
 
     def sample_actions(self, state: RolloutState) -> torch.Tensor:
-        """``[B, K, U]`` actions per node: ``K`` draws of ``problem.prior`` (slot ``k`` from
-        particle ``k mod P``) or uniform in the box, clipped to the bounds."""
-        problem, b, p, k = self.problem, self.b, self.p, self.a
+        """``[R, K, U]`` actions per node of the ``R`` nodes of ``state`` (``R * P`` rows):
+        ``K`` draws of ``problem.prior`` (slot ``k`` from particle ``k mod P``) or uniform in
+        the box, clipped to the bounds."""
+        problem, p, k = self.problem, self.p, self.a
+        b = state.obs.shape[0] // p
         u = problem.act_dim
         low, high = problem.action_low.to(self.device), problem.action_high.to(self.device)
         if problem.prior is None:
@@ -566,9 +650,11 @@ class _Search:
         es: torch.Tensor,
         pruned: torch.Tensor,
         prior: torch.Tensor,
+        penalty: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Selection scores ``[R, A]`` of nodes with visits ``n [R]``, value sums ``vsum [R]``
-        and action statistics ``ev, es, pruned, prior [R, A]`` (minus infinity: not allowed)."""
+        and action statistics ``ev, es, pruned, prior [R, A]`` (minus infinity: not allowed);
+        ``penalty [R, A]`` (virtual loss) is taken off ``Q'``."""
         cfg = self.cfg
         tried = ev > 0
         q = es / ev.clamp(min=1.0)
@@ -582,17 +668,18 @@ class _Search:
         if cfg.normalize_values:
             v = (vsum / n.clamp(min=1.0)).unsqueeze(1)  # [R, 1]
             safe = torch.where(tried & valid if masked else tried, q, v)
-            lo = torch.minimum(v, safe.amin(dim=1, keepdim=True))
-            hi = torch.maximum(v, safe.amax(dim=1, keepdim=True))
-            qn = (safe - lo) * tried / (hi - lo).clamp(min=_NORM_EPS)  # untried: 0
+            lo, hi = torch.aminmax(torch.cat([safe, v], dim=1), dim=1, keepdim=True)
+            qn = (safe - lo).mul_(tried).div_((hi - lo).clamp_(min=_NORM_EPS))  # untried: 0
         else:
             qn = q * tried
+        if penalty is not None:
+            qn = qn - penalty
         if self.uct:
             bonus = torch.sqrt(torch.log(n.clamp(min=1.0)).unsqueeze(1) / ev.clamp(min=1.0))
             score = torch.where(tried, qn + cfg.exploration * bonus, math.inf)
         else:
             # c(N) sqrt(N) = (c1 + log((N + c2 + 1) / c2)) sqrt(N), log1p keeps c2 = inf exact
-            coef = (torch.log1p((n + 1.0) / cfg.puct_base) + cfg.exploration) * torch.sqrt(n)
+            coef = (n + 1.0).div_(cfg.puct_base).log1p_().add_(cfg.exploration).mul_(n.sqrt())
             score = torch.addcmul(qn, coef.unsqueeze(1), prior / (ev + 1.0))
         return torch.where(valid, score, -math.inf) if masked else score
 
@@ -600,21 +687,35 @@ class _Search:
         """Recompute the chosen action and next node of flat node indices ``rows [R]`` (after
         their statistics, children or pruning changed)."""
         a, w = self.a, self.w
-        m = tree.visits.shape[1]
+        if self.touched is not None:
+            self.touched.append(rows)
         n = tree.visits.view(-1).index_select(0, rows)
         vsum = tree.value_sums.view(-1).index_select(0, rows)
         ev = tree.edge_visits.view(-1, a).index_select(0, rows)
         es = tree.edge_sums.view(-1, a).index_select(0, rows)
         pruned = tree.pruned.view(-1, a).index_select(0, rows)
         prior = tree.priors.view(-1, a).index_select(0, rows)
-        best = self.scores(n, vsum, ev, es, pruned, prior).argmax(dim=1)  # [R]
+        penalty = None
+        if self.waves:
+            # pending descents of the wave: each is one more visit at the current mean (Q
+            # unchanged; an untried edge at the node's value), and a virtual loss on Q'
+            pn = self.pending_n.index_select(0, rows)
+            pe = self.pending_e.view(-1, a).index_select(0, rows)
+            v = vsum / n.clamp(min=1.0)
+            q = torch.where(ev > 0, es / ev.clamp(min=1.0), v[:, None])
+            n, vsum = n + pn, vsum + pn * v
+            ev, es = ev + pe, es + pe * q
+            penalty = self.cfg.virtual_loss * pe / ev.clamp(min=1.0)
+            # an edge blocked in this wave scores below every other but a pruned one
+            blocked = self.blocked.view(-1, a).index_select(0, rows)
+            penalty = penalty.masked_fill(blocked, _BLOCKED)
+            top, best = self.scores(n, vsum, ev, es, pruned, prior, penalty).max(dim=1)
+            self.full.index_copy_(0, rows, top <= -0.5 * _BLOCKED)
+        else:
+            best = self.scores(n, vsum, ev, es, pruned, prior).argmax(dim=1)  # [R]
         sel.best.index_copy_(0, rows, best)
         if w == 1:
-            base = rows - rows % m  # the root's first slot
-            child = tree.children.view(-1).index_select(0, rows * a + best)
-            nxt = base + child.clamp(min=0)
-            go = (child >= 0) & sel.open.index_select(0, nxt)
-            sel.next.index_copy_(0, rows, torch.where(go, nxt, base + (m - 1)))
+            sel.next.index_copy_(0, rows, sel.through.index_select(0, rows * a + best))
 
     def add_root_noise(self, tree: Tree) -> None:
         """Mix ``Dir(alpha)`` noise into the root priors (MuZero, Appendix C)."""
@@ -629,144 +730,316 @@ class _Search:
 
     def run(self, tree: Tree) -> SearchResult:
         """``S`` simulations on ``tree`` (``M + 1`` slots, the last the sink; nodes
-        ``[0, used)`` in use)."""
-        cfg, problem = self.cfg, self.problem
-        b, a, w, p = self.b, self.a, self.w, self.p
+        ``[0, used)`` in use), in waves of ``K = leaves_per_wave`` descents that share one
+        model step, one leaf evaluation and one backup."""
+        cfg = self.cfg
+        b, a = self.b, self.a
         dev = self.device
         m = tree.visits.shape[1]
         clean_prior = tree.priors[:, 0].clone()  # the tree keeps the prior without the noise
         if cfg.dirichlet_alpha is not None and cfg.dirichlet_fraction > 0:
             self.add_root_noise(tree)
-        boff = self.bidx * m  # [B]
-        sinks = boff + (m - 1)  # [B]
-        visits = tree.visits.view(-1)  # [B * M]
-        value_sums = tree.value_sums.view(-1)
-        ev_f = tree.edge_visits.view(-1)  # [B * M * A]
-        es_f = tree.edge_sums.view(-1)
-        pruned_f = tree.pruned.view(-1)
-        children = tree.children.view(-1, w)  # [B * M * A, W] local indices
-        children_f = tree.children.view(-1)
-        raw = tree.raw_values.view(-1)
-        rewards = tree.rewards.view(-1)
-        alive = tree.alive.view(b * m, p)
-        depth_limit = self.depth
-        sel = _Selection(
+        self.boff = self.bidx * m  # [B] flat index of each root
+        self.sinks = self.boff + (m - 1)  # [B]
+        self.node_root = self.boff.repeat_interleave(m)  # [B * M] flat index of the root
+        # a node a descent may pass through: alive, above max_depth, not the sink
+        opened = (~tree.terminal & (tree.depths < self.depth)).view(-1)
+        opened[self.sinks] = False
+        through = None
+        if self.w == 1:
+            kids = tree.children.view(b, m * a)
+            flat = self.boff[:, None] + kids.clamp(min=0)
+            go = (kids >= 0) & opened[flat]
+            through = torch.where(go, flat, self.sinks[:, None]).view(-1)
+        self.sel = sel = _Selection(
             best=torch.zeros(b * m, dtype=torch.long, device=dev),
-            next=sinks.repeat_interleave(m),
-            # a node a descent may pass through: alive, above max_depth, not the sink
-            open=(~tree.terminal & (tree.depths < depth_limit)).view(-1),
+            next=self.sinks.repeat_interleave(m),
+            open=opened,
+            through=through,
         )
-        sel.open[sinks] = False
+        if self.waves:
+            self.pending_n = torch.zeros(b * m, device=dev)  # [B * M] descents in flight
+            self.pending_e = torch.zeros(b * m * a, device=dev)  # [B * M * A]
+            self.blocked = torch.zeros(b * m * a, dtype=torch.bool, device=dev)  # claimed
+            self.full = torch.zeros(b * m, dtype=torch.bool, device=dev)  # all blocked
         self.pruning = bool(tree.pruned.any())
         used = torch.arange(tree.used, device=dev)
-        self.refresh(tree, sel, (boff[:, None] + used).view(-1))
-        nonfinite = 0
+        self.refresh(tree, sel, (self.boff[:, None] + used).view(-1))
+        self.nonfinite = 0
+        self.collisions = 0
         start = tree.used
         height = int(tree.depths[:, : tree.used].max())  # depth of the deepest node
-        for sim in range(cfg.simulations):
-            new = start + sim  # the node slot this simulation may fill, for every root
-            new_flat = boff + new
-            # descent: the chosen child of every node is precomputed (sel.next, the sink
-            # where the descent ends), so a step down is one gather for all roots
-            node = boff  # [B] flat index of the current node
-            nodes, outs = [node], []
-            if w == 1:
-                # no descent goes below the deepest node: no check for the end per level
-                for _ in range(min(height, depth_limit - 1)):
-                    node = sel.next.index_select(0, node)
-                    nodes.append(node)
-            else:
-                for _ in range(depth_limit):
-                    edge = node * a + sel.best.index_select(0, node)
-                    child, outcome = self.pick_outcome(children, edge, ev_f, visits, boff)
-                    outs.append(outcome)
-                    nxt = boff + child.clamp(min=0)
-                    go = (child >= 0) & sel.open.index_select(0, nxt)
-                    if not bool(go.any()):
-                        break
-                    node = torch.where(go, nxt, sinks)
-                    nodes.append(node)
-            # the last real level of every root: its node, action and child
-            path = torch.stack(nodes, dim=1)  # [B, L] flat
-            level = (path != sinks[:, None]).sum(dim=1) - 1  # [B] depth of that node
-            last = level[:, None]
-            pnode = path.gather(1, last)[:, 0]  # flat
-            choice = sel.best.index_select(0, pnode)
-            edge = pnode * a + choice
-            if w == 1:
-                outcome = None
-                child = children_f.index_select(0, edge)
-            else:
-                outcome = torch.stack(outs, dim=1).gather(1, last)[:, 0]
-                child, _ = self.pick_outcome(children, edge, ev_f, visits, boff)
-            dead = pruned_f.index_select(0, edge)  # every action of the node is pruned
-            has = child >= 0
-            expand = ~has & ~dead
-            revisit = has & ~dead
-            if bool(dead.any()):
-                self.pruning = True
-                self.prune_into(tree, sel, pnode, dead, boff)
-            # expansion: one model step for every root (the rows of roots that do not expand
-            # are stepped and ignored, so the call keeps its shape)
-            prow = pnode if p == 1 else ((pnode * p)[:, None] + self.particle_idx).reshape(-1)
-            pstate = _rows(tree.states, prow)  # [B * P]
-            if self.discrete:
-                act_vec = self.action_values.index_select(0, choice)  # [B, U]
-            else:
-                act_vec = tree.node_actions.view(b * m * a, -1).index_select(0, edge)
-            act_rows = act_vec.repeat_interleave(p, dim=0) if p > 1 else act_vec
-            step = problem.step(pstate, act_rows.to(pstate.obs.dtype))
-            palive = alive.index_select(0, pnode)  # [B, P]
-            finite = step.finite.view(b, p)
-            reward = torch.where(palive & finite, step.reward.view(b, p), 0.0).mean(dim=1)
-            nalive = palive & step.alive.view(b, p)
-            value, vbad = self.leaf_value(step.state, nalive)
-            bad = expand & ((palive & ~finite).any(dim=1) | vbad)
-            ok = expand & ~bad
-            linked = torch.where(ok, pnode - boff, -1)  # an unused slot keeps parent -1
-            terminal = self.write_node(
-                tree, new_flat, step.state, nalive, value, reward, linked, choice
-            )
-            # the new node is at depth level + 1: open unless terminal or at max_depth
-            sel.open.index_copy_(0, new_flat, ok & ~terminal & (level + 1 < depth_limit))
-            slot = edge * w + outcome if w > 1 else edge
-            kept = children_f.index_select(0, slot)
-            children_f.index_copy_(0, slot, torch.where(ok, new, kept))
-            if bool(bad.any()):
-                self.pruning = True
-                pruned_f[edge] = pruned_f[edge] | bad
-                count = int(bad.sum())
-                nonfinite += count
-                problem.nonfinite += count
-            # backup along the path P_0 .. P_l (l = level + 1 edges): node P_d and edge
-            # (P_d, a_d) both receive G_d = sum_{j >= d} gamma^(j - d) z_j, with z_j the
-            # reward into P_(j + 1) for j < l and z_l the leaf value
-            back = ok | revisit
-            leaf = torch.where(has, boff + child.clamp(min=0), new_flat)
-            leaf = torch.where(back, leaf, sinks)  # the sink: nothing is backed up
-            steps = path.shape[1]
-            length = level + 1
-            full = torch.cat([path, sinks[:, None]], dim=1)  # [B, L + 1]
-            full.scatter_(1, length[:, None], leaf[:, None])
-            weight = ((self.positions[: steps + 1] <= length[:, None]) & back[:, None]).float()
-            flat_nodes = full.view(-1)
-            into = full[:, 1:].reshape(-1)  # [B * L] P_1 .. P_L
-            z = torch.cat([rewards.index_select(0, into).view(b, steps), self.zero_col], dim=1)
-            z = z * weight  # [B, L + 1]; z_d for d < l is the reward into P_(d + 1)
-            z.scatter_(1, length[:, None], raw.index_select(0, leaf)[:, None])  # leaf value
-            ret = z @ self.returns[: steps + 1, : steps + 1]  # [B, L + 1] G_d
-            visits.index_add_(0, flat_nodes, weight.view(-1))
-            value_sums.index_add_(0, flat_nodes, (ret * weight).view(-1))
-            # edge (P_d, a_d) exists where P_(d + 1) does; a_d is P_(d + 1)'s action
-            edges = path.reshape(-1) * a + tree.actions_from_parent.view(-1).index_select(0, into)
-            edge_w = weight[:, 1:].reshape(-1)
-            ev_f.index_add_(0, edges, edge_w)
-            es_f.index_add_(0, edges, ret[:, :steps].reshape(-1) * edge_w)
+        first = 0
+        while first < cfg.simulations:
+            # a wave holds at most as many descents as a tree of that many nodes has actions
+            # without a child: (A - 1) * nodes + 1
+            count = min(cfg.leaves_per_wave, cfg.simulations - first, (a - 1) * (start + first) + 1)
+            # simulation i fills node slot start + i when it expands
+            slot = start + first
+            if self.waves:
+                self.touched = []  # the nodes refreshed during the wave
+            descents = [self.descend(tree, slot + j, height, slot) for j in range(count)]
+            ok, length = self.expand_and_backup(tree, descents, slot)
             height = max(height, int((length * ok).max()))
-            self.refresh(tree, sel, flat_nodes)
+            first += count
         tree.priors[:, 0] = clean_prior
         tree = dataclasses.replace(tree, used=start + cfg.simulations)
-        return self.summarize(tree, nonfinite)
+        return self.summarize(tree)
+
+    def descend(self, tree: Tree, new: int, height: int, first: int) -> _Descent:
+        """One descent from every root by the selection rule to the first action without a
+        child (or a node that may not be passed), for the simulation whose new node goes to
+        slot ``new``; ``first`` is the slot of the wave's first simulation.
+
+        In a wave the chosen edge is claimed for slot ``new`` at once (blocked for the rest of
+        the wave) and the path counts as pending, so that the next descent sees both. A
+        descent that ends at a node whose every action is blocked blocks the edge into that
+        node (and into each ancestor that is then blocked everywhere) and descends again; one
+        that cannot (its root is blocked everywhere) is a collision and backs up nothing."""
+        d = self.walk(tree, new, height)
+        if not self.waves:
+            return d
+        sel, full = self.sel, self.full
+        for _ in range(tree.visits.shape[1] * self.a):  # every retry blocks one more edge
+            retry = ~d.dead & full.index_select(0, d.node) & ~full.index_select(0, self.boff)
+            if not bool(retry.any()):
+                break
+            self.block_into(tree, d.node[retry])
+            d = _merge(d, self.walk(tree, new, height), retry, self.sinks)
+        # claim the edge for the new slot (closed until it is written) and count the path as
+        # pending
+        children_f = tree.children.view(-1)
+        child, dead = d.child, d.dead
+        claim = ~dead & (child < 0)
+        kept = children_f.index_select(0, d.slot)
+        children_f.index_copy_(0, d.slot, torch.where(claim, new, kept))
+        blocked = claim | self.blocked.index_select(0, d.edge)
+        self.blocked.index_copy_(0, d.edge, blocked)
+        tree.actions_from_parent.view(-1).index_copy_(0, d.new, d.choice)
+        sel.open.index_fill_(0, d.new, False)
+        going = ~dead & (child < first)  # not a collision
+        leaf = torch.where(claim, d.new, self.boff + child.clamp(min=0))
+        _, _, below, edges = self.path_below(tree, d.path, d.level, leaf, self.sinks, going)
+        ones = torch.ones_like(below, dtype=torch.float32)
+        self.pending_n.index_add_(0, self.boff, going.float())
+        self.pending_n.index_add_(0, below, ones)
+        self.pending_e.index_add_(0, edges, ones)
+        self.refresh(tree, sel, torch.cat([self.boff, below]))
+        return d
+
+    def walk(self, tree: Tree, new: int, height: int) -> _Descent:
+        """The descent of :meth:`descend` before any claim: down the chosen children to the
+        first node whose chosen action has no child that may be passed; a node whose every
+        action is pruned has the edge into it pruned."""
+        a, w, sel = self.a, self.w, self.sel
+        boff, sinks = self.boff, self.sinks
+        children_f = tree.children.view(-1)
+        depth_limit = self.depth
+        # the chosen child of every node is precomputed (sel.next, the sink where the descent
+        # ends), so a step down is one gather for all roots
+        node = boff  # [B] flat index of the current node
+        nodes, outs = [node], []
+        if w == 1:
+            # no descent goes below the deepest node: no check for the end per level
+            for _ in range(min(height, depth_limit - 1)):
+                node = sel.next.index_select(0, node)
+                nodes.append(node)
+        else:
+            children = tree.children.view(-1, w)
+            ev_f, visits = tree.edge_visits.view(-1), tree.visits.view(-1)
+            for _ in range(depth_limit):
+                edge = node * a + sel.best.index_select(0, node)
+                child, outcome = self.pick_outcome(children, edge, ev_f, visits, boff)
+                outs.append(outcome)
+                nxt = boff + child.clamp(min=0)
+                go = (child >= 0) & sel.open.index_select(0, nxt)
+                if not bool(go.any()):
+                    break
+                node = torch.where(go, nxt, sinks)
+                nodes.append(node)
+        # the last real level of every root: its node, action and child
+        path = torch.stack(nodes, dim=1)  # [B, L] flat
+        level = (path != sinks[:, None]).sum(dim=1) - 1  # [B] depth of that node
+        last = level[:, None]
+        pnode = path.gather(1, last)[:, 0]  # flat
+        choice = sel.best.index_select(0, pnode)
+        edge = pnode * a + choice
+        if w == 1:
+            slot = edge
+            child = children_f.index_select(0, edge)
+        else:
+            outcome = torch.stack(outs, dim=1).gather(1, last)[:, 0]
+            child, _ = self.pick_outcome(children, edge, ev_f, visits, boff)
+            slot = edge * w + outcome
+        if self.pruning:
+            dead = tree.pruned.view(-1).index_select(0, edge)  # every action is pruned
+            if bool(dead.any()):
+                self.prune_into(tree, sel, pnode, dead, boff)
+        else:
+            dead = self.none_dead  # nothing is pruned yet
+        return _Descent(path, level, pnode, choice, edge, slot, child, dead, boff + new)
+
+    def block_into(self, tree: Tree, nodes: torch.Tensor) -> None:
+        """Block the edge into each flat node of ``nodes [R]`` (blocked everywhere; roots
+        have none) for the rest of the wave, then into each parent that is blocked everywhere
+        now, up to the roots."""
+        parents, af = tree.parents.view(-1), tree.actions_from_parent.view(-1)
+        for _ in range(self.depth):
+            parent = parents.index_select(0, nodes)
+            has = parent >= 0
+            up = (self.node_root.index_select(0, nodes) + parent.clamp(min=0))[has]
+            if up.numel() == 0:
+                break
+            self.blocked[up * self.a + af.index_select(0, nodes)[has]] = True
+            self.refresh(tree, self.sel, up)
+            nodes = up[self.full.index_select(0, up)]
+
+    def path_below(
+        self,
+        tree: Tree,
+        path: torch.Tensor,
+        level: torch.Tensor,
+        leaf: torch.Tensor,
+        sinks: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For paths ``path [R, L]`` (flat nodes ``P_0 .. P_level``, then sinks) and their
+        leaves ``leaf [R]``: ``full [R, L + 1]`` (the leaf at position ``level + 1``, sinks
+        after it), and for the nodes ``P_1 .. P_(level + 1)`` of the paths kept (``keep
+        [R]``), ``C`` in all: their positions ``[C]`` in ``full[:, 1:]`` flattened, the nodes
+        ``[C]`` (flat) and the flat edges ``[C]`` (``P_d``, ``a_d``) into them."""
+        steps = path.shape[1]
+        length = (level + 1)[:, None]
+        full = torch.cat([path, sinks[:, None]], dim=1)  # [R, L + 1]
+        full.scatter_(1, length, leaf[:, None])
+        below = (self.positions[1 : steps + 1] <= length) & keep[:, None]  # [R, L]
+        pos = below.view(-1).nonzero().squeeze(1)  # [C]
+        nodes = full[:, 1:].reshape(-1).index_select(0, pos)
+        parents = path.view(-1).index_select(0, pos)
+        af = tree.actions_from_parent.view(-1).index_select(0, nodes)
+        return full, pos, nodes, parents * self.a + af
+
+    def expand_and_backup(
+        self, tree: Tree, descents: list[_Descent], first: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expand the leaves of a wave of descents with one model step for all of them
+        (``K * B * P`` rows; rows that expand nothing are stepped and ignored, so the call
+        keeps its shape), evaluate the new leaves, and back every descent's return up its
+        path. ``first`` is the node slot of the wave's first simulation. Returns ``[K * B]``
+        whether each expanded and its path length."""
+        problem, p, sel = self.problem, self.p, self.sel
+        k = len(descents)
+        if k == 1:
+            d = descents[0]
+            path, sinks, boff = d.path, self.sinks, self.boff
+        else:
+            steps = max(x.path.shape[1] for x in descents)  # differ with double widening
+            pads = [
+                torch.cat([x.path, self.sinks[:, None].expand(-1, steps - x.path.shape[1])], 1)
+                for x in descents
+            ]
+            path = torch.cat(pads, dim=0)  # [K * B, L]
+            d = _Descent(
+                path, **{f: torch.cat([getattr(x, f) for x in descents]) for f in _DESCENT}
+            )
+            sinks, boff = self.sinks.repeat(k), self.boff.repeat(k)
+        rows = path.shape[0]  # K * B
+        pnode, edge, child, dead = d.node, d.edge, d.child, d.dead
+        has = child >= 0
+        expand = ~has & ~dead
+        prow = pnode if p == 1 else ((pnode * p)[:, None] + self.particle_idx).reshape(-1)
+        pstate = _rows(tree.states, prow)  # [K * B * P]
+        if self.discrete:
+            act_vec = self.action_values.index_select(0, d.choice)  # [K * B, U]
+        else:
+            act_vec = tree.node_actions.view(-1, tree.node_actions.shape[-1]).index_select(0, edge)
+        act_rows = act_vec.repeat_interleave(p, dim=0) if p > 1 else act_vec
+        act_rows = act_rows.to(pstate.obs.dtype)
+        step = problem.step(pstate, act_rows)
+        palive = tree.alive.view(-1, p).index_select(0, pnode)  # [K * B, P]
+        finite = step.finite.view(rows, p)
+        reward = torch.where(palive & finite, step.reward.view(rows, p), 0.0).mean(dim=1)
+        nalive = palive & step.alive.view(rows, p)
+        value, vbad = self.leaf_value(step.state, nalive, act_rows)
+        bad = expand & ((palive & ~finite).any(dim=1) | vbad)
+        ok = expand & ~bad
+        level = d.level
+        linked = torch.where(ok, pnode - boff, -1)  # an unused slot keeps parent -1
+        depth = torch.where(ok, level + 1, 0)
+        terminal = self.write_node(
+            tree, d.new, step.state, nalive, value, reward, linked, d.choice, depth
+        )
+        # the new node is at depth level + 1: open unless terminal or at max_depth
+        opened = ok & ~terminal & (level + 1 < self.depth)
+        sel.open.index_copy_(0, d.new, opened)
+        children_f, pruned_f = tree.children.view(-1), tree.pruned.view(-1)
+        if not self.waves:  # a wave claimed its edges in the descents
+            kept = children_f.index_select(0, d.slot)
+            children_f.index_copy_(0, d.slot, torch.where(ok, d.new - boff, kept))
+            if sel.through is not None:
+                kept = sel.through.index_select(0, d.slot)
+                sel.through.index_copy_(0, d.slot, torch.where(opened, d.new, kept))
+        elif sel.through is not None:  # the claimed edges of a wave are distinct
+            sel.through[d.slot[opened]] = d.new[opened]
+        any_bad = bool(bad.any())
+        if any_bad:
+            self.pruning = True
+            pruned_f[edge[bad]] = True
+            if self.waves:
+                children_f[d.slot[bad]] = -1
+            count = int(bad.sum())
+            self.nonfinite += count
+            problem.nonfinite += count
+        # a revisit backs the child's leaf value up again; a collision (a descent that ended
+        # at an edge an earlier descent of the wave claimed: its root is blocked everywhere)
+        # backs up nothing
+        revisit = has & ~dead
+        if self.waves:
+            collided = revisit & (child >= first)
+            self.collisions += int(collided.sum())
+            revisit = revisit & ~collided
+        # backup along the path P_0 .. P_l (l = level + 1 edges): node P_d and edge
+        # (P_d, a_d) both receive G_d = sum_{j >= d} gamma^(j - d) z_j, with z_j the
+        # reward into P_(j + 1) for j < l and z_l the leaf value
+        back = ok | revisit
+        leaf = torch.where(has, boff + child.clamp(min=0), d.new)
+        leaf = torch.where(back, leaf, sinks)  # the sink: nothing is backed up
+        full, pos, below, edges = self.path_below(tree, path, level, leaf, sinks, back)
+        steps = path.shape[1]
+        length = level + 1
+        roots = path[:, 0]
+        rewards, raw = tree.rewards.view(-1), tree.raw_values.view(-1)
+        # z_d for d < l is the reward into P_(d + 1) (a sink's is 0), z_l the leaf value
+        into = full[:, 1:].reshape(-1)  # [K * B * L] P_1 .. P_L
+        z = torch.cat([rewards.index_select(0, into).view(rows, steps), self.zero_col[:rows]], 1)
+        z = z * back[:, None]  # [K * B, L + 1]
+        z.scatter_(1, length[:, None], raw.index_select(0, leaf)[:, None])
+        ret = z @ self.returns[: steps + 1, : steps + 1]  # [K * B, L + 1] G_d
+        visits, value_sums = tree.visits.view(-1), tree.value_sums.view(-1)
+        visits.index_add_(0, roots, back.float())
+        value_sums.index_add_(0, roots, ret[:, 0])
+        visits.index_add_(0, below, torch.ones_like(below, dtype=torch.float32))
+        value_sums.index_add_(0, below, ret[:, 1:].reshape(-1).index_select(0, pos))
+        # edge (P_d, a_d) into P_(d + 1) gets G_d
+        tree.edge_visits.view(-1).index_add_(0, edges, torch.ones_like(edges, dtype=torch.float32))
+        tree.edge_sums.view(-1).index_add_(
+            0, edges, ret[:, :steps].reshape(-1).index_select(0, pos)
+        )
+        # every node a descent reached may select differently now
+        if self.waves:
+            # and every node whose choice was made with pending descents or blocked edges
+            self.pending_n.zero_()
+            self.pending_e.zero_()
+            self.blocked.zero_()
+            touched, self.touched = self.touched, None
+            self.refresh(tree, sel, torch.cat([*touched, roots, below]))
+        else:
+            self.refresh(tree, sel, torch.cat([roots, below]))
+            if any_bad:  # a failed expansion: its edge is pruned now
+                missed = ~dead & ~back
+                within = self.positions[: steps + 1] <= length[:, None]
+                self.refresh(tree, sel, full[missed][within[missed]])
+        return ok, length
 
     def pick_outcome(
         self,
@@ -808,11 +1081,13 @@ class _Search:
         pruned_f[into] = pruned_f[into] | prune
         kids = tree.children.view(-1, w)
         kids[into] = torch.where(prune[:, None], -1, kids[into])
+        if sel.through is not None:
+            sel.through[into] = torch.where(prune, self.sinks, sel.through[into])
         self.refresh(tree, sel, up)
 
     # ---------------------------------------------------------------- results
 
-    def summarize(self, tree: Tree, nonfinite: int) -> SearchResult:
+    def summarize(self, tree: Tree) -> SearchResult:
         tree = _drop_sink(tree)
         b, a, h = self.b, self.a, self.problem.horizon
         dev = self.device
@@ -865,8 +1140,9 @@ class _Search:
             actions=actions,
             path_length=length,
             tree=tree,
-            nonfinite=nonfinite,
+            nonfinite=self.nonfinite,
             simulations=self.cfg.simulations,
+            collisions=self.collisions,
         )
 
 

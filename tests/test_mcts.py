@@ -248,6 +248,10 @@ def test_bad_input_is_refused_with_the_fix():
         MCTS(double_widening=True)
     with pytest.raises(ValueError, match="set rule='puct' or dirichlet_alpha=None"):
         MCTS(dirichlet_alpha=0.3)
+    with pytest.raises(ValueError, match="leaves_per_wave must be an int >= 1, got 0"):
+        MCTS(leaves_per_wave=0)
+    with pytest.raises(ValueError, match="virtual_loss must be a finite number >= 0.0"):
+        MCTS(virtual_loss=-1.0)
     with pytest.raises(ValueError, match="needs actions='widening' or 'sampled'.*discretize"):
         MCTS().plan(box_problem(), torch.zeros(2))
     nxt, rew = binary_tree()
@@ -500,3 +504,134 @@ def test_rollouts_stop_once_every_particle_has_terminated():
     assert res.tree.raw_values[0, 0].item() == 2.0
     used = res.tree.depths[0, : res.tree.used] == 1
     assert res.tree.raw_values[0, : res.tree.used][used].tolist() == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------- waves of leaves
+
+
+def test_waves_solve_the_bandit_and_the_depth3_tree():
+    problem = bandit_problem(particles=32)
+    plan = MCTS(simulations=512, rule="uct", exploration=1.0, leaves_per_wave=8).plan(
+        problem, torch.zeros(1)
+    )
+    visits = plan.extras["visit_counts"]
+    assert float(visits.sum()) == 512 - plan.diagnostics["collisions"]
+    assert float(visits[1] / visits.sum()) > 0.95
+    for k in (4, 8):
+        for rule in ("uct", "puct"):
+            nxt, rew = binary_tree()
+            planner = MCTS(simulations=300, rule=rule, exploration=2.0, leaves_per_wave=k)
+            plan = planner.plan(table_problem(nxt, rew, horizon=3), torch.zeros(1))
+            assert plan.actions[:, 0].tolist() == OPTIMAL_PATH, (k, rule)
+            assert int(plan.extras["q_values"].argmax()) == 1
+
+
+def test_a_wave_expands_its_leaves_with_one_model_call():
+    """64 simulations with 10-step rollouts: one step per simulation and per rollout step
+    alone; in waves of 8, one call of up to 8 rows per wave and rollout step. The tree stays
+    consistent: every node's visits are its first visit and its actions' visits."""
+    calls = []
+
+    class Counting(KnownModel):
+        def rollout_step(self, state, act, generator=None):
+            calls.append(state.obs.shape[0])
+            return super().rollout_step(state, act, generator)
+
+    def search(k: int):
+        calls.clear()
+        problem = PlanningProblem(
+            Counting(lambda x, u: 0.9 * x + u, 1, 1),
+            lambda obs, act, nxt: -nxt[:, 0].abs(),
+            None,
+            6,
+            torch.zeros(1),
+            torch.ones(1),
+            action_values=torch.tensor([[-1.0], [0.0], [1.0]]),
+            generator=torch.Generator().manual_seed(0),
+        )
+        res = MCTS(simulations=64, rollout_depth=10, leaves_per_wave=k).search(
+            problem, torch.tensor([3.0])
+        )
+        return res, list(calls)
+
+    alone, one = search(1)
+    assert len(one) == 10 + 11 * 64 and set(one) == {1}  # the root's rollout, 64 simulations
+    res, waves = search(8)
+    # waves of 3 (the root's actions), then 8 (7 times), then the last 5
+    assert len(waves) == 10 + 11 * 9 and max(waves) == 8
+    assert res.collisions == 0
+    tree = res.tree
+    assert float(res.visit_counts.sum()) == 64
+    linked = (tree.parents >= 0) | (torch.arange(tree.visits.shape[1]) == 0)
+    edge_total = tree.edge_visits.sum(dim=2)
+    assert torch.equal(tree.visits[linked], 1.0 + edge_total[linked])
+    # the most-visited first action is the sequential search's (toward 0)
+    assert res.actions[0, 0].item() == alone.actions[0, 0].item() == -1.0
+
+
+@pytest.mark.parametrize("rule", ["uct", "puct"])
+def test_waves_on_a_batch_of_roots_equal_each_root_alone(rule):
+    fx = json.loads(FIXTURE.read_text())["table"]
+    args = [torch.tensor(fx[k]) for k in ("next_state", "reward")]
+    val, logits = torch.tensor(fx["value"]), torch.tensor(fx["prior_logits"])
+    roots = [0, 2, 5, 3]
+    planner = MCTS(simulations=40, rule=rule, leaves_per_wave=4)
+    x0 = torch.tensor(roots, dtype=torch.float32)[:, None]
+    batch = planner.search(table_problem(*args, 4, 0.9, val, logits), x0)
+    for i, r in enumerate(roots):
+        alone = planner.search(table_problem(*args, 4, 0.9, val, logits), torch.tensor([float(r)]))
+        assert torch.equal(batch.visit_counts[i], alone.visit_counts[0])
+        assert torch.equal(batch.tree.children[i], alone.tree.children[0])
+        assert max_diff(batch.tree.values[i], alone.tree.values[0]) <= 1e-6
+
+
+def test_repeat_rollouts_hold_the_action_into_the_leaf():
+    """Line world x' = x + u, reward -|x' - 5|, 3-step rollouts: a child reached by u from 0
+    holds u (x = 2u, 3u, 4u); the root's own rollout is random."""
+    problem = PlanningProblem(
+        KnownModel(lambda x, u: x + u, 1, 1),
+        lambda obs, act, nxt: -(nxt[:, 0] - 5.0).abs(),
+        None,
+        4,
+        -torch.ones(1),
+        torch.ones(1),
+        action_values=torch.tensor([[-1.0], [0.0], [1.0]]),
+        generator=torch.Generator().manual_seed(0),
+    )
+    for k in (1, 3):
+        planner = MCTS(simulations=3, rollout_depth=3, rollout_policy="repeat", leaves_per_wave=k)
+        tree = planner.search(problem, torch.zeros(1)).tree
+        u = tree.states.obs[1:4, 0]  # the root's three children: x = u
+        expected = -sum((j * u - 5).abs() for j in (2, 3, 4))
+        assert torch.equal(tree.raw_values[0, 1:4], expected)
+    with pytest.raises(ValueError, match="rollout_policy must be one of"):
+        MCTS(rollout_policy="greedy")
+
+
+def test_a_wave_of_one_is_the_sequential_search_pinned():
+    """Golden numbers of the sequential search (recorded before waves existed) on the line
+    world with random rollouts: the generator's draws, the tree and the plan are unchanged with
+    leaves_per_wave=1."""
+    problem = PlanningProblem(
+        KnownModel(lambda x, u: x + u, 1, 1),
+        lambda obs, act, nxt: -(nxt[:, 0] - 5.0).abs(),
+        None,
+        6,
+        -torch.ones(1),
+        torch.ones(1),
+        action_values=torch.tensor([[-1.0], [0.0], [1.0]]),
+        generator=torch.Generator().manual_seed(0),
+    )
+    planner = MCTS(simulations=48, exploration=1.0, rollout_depth=4, leaves_per_wave=1)
+    res = planner.search(problem, torch.zeros(1))
+    tree = res.tree
+    assert res.visit_counts[0].tolist() == [3.0, 6.0, 39.0]
+    assert tree.parents[0].tolist() == [
+        -1, 0, 0, 0, 2, 3, 3, 3, 5, 2, 2, 9, 6, 7, 1, 7, 7, 16, 15, 16, 15, 6, 16, 22, 22,
+        22, 17, 13, 15, 6, 18, 29, 10, 19, 24, 25, 23, 25, 24, 1, 24, -1, -1, 19, 19, 43, 25,
+        -1, 5,
+    ]  # fmt: skip
+    linked = tree.parents[0] >= 0
+    linked[0] = True
+    assert float(tree.raw_values[0][linked].sum()) == -672.0  # integer rewards: exact
+    assert res.actions[0, :, 0].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]

@@ -99,11 +99,13 @@ def test_planner_name_mcts_builds_from_config():
         get("pets").Config,
         None,
         ["planner.name=mcts", "planner.simulations=16", "planner.rule=puct",
-         "planner.actions=widening", "planner.widening_alpha=0.4", "planner.rollout_depth=3"],
+         "planner.actions=widening", "planner.widening_alpha=0.4", "planner.rollout_depth=3",
+         "planner.leaves_per_wave=4", "planner.virtual_loss=0.5"],
     )  # fmt: skip
     planner = make_planner(cfg.planner)
     assert isinstance(planner, MCTS)
     assert planner.simulations == 16 and planner.rule == "puct" and planner.actions == "widening"
+    assert planner.leaves_per_wave == 4 and planner.virtual_loss == 0.5
     assert isinstance(make_planner(PlannerConfig(name="mcts")), MCTS)
 
 
@@ -117,6 +119,8 @@ def test_planner_name_mcts_builds_from_config():
         ("planner.exploration=-1", "planner.exploration must be >= 0 and finite, got -1"),
         ("planner.dirichlet_fraction=2", "planner.dirichlet_fraction must be in [0, 1]"),
         ("planner.rollout_depth=-1", "planner.rollout_depth must be an integer >= 0"),
+        ("planner.leaves_per_wave=0", "planner.leaves_per_wave must be an integer >= 1, got 0"),
+        ("planner.virtual_loss=-1", "planner.virtual_loss must be >= 0 and finite, got -1"),
         ("action_grid=1", "action_grid=1: give >= 2 values per action dim"),
         ("replan_every=30", "replan_every=30 exceeds horizon=25"),
     ],
