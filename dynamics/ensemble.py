@@ -82,10 +82,10 @@ class _PlanningWeights:
     """Elite weights cast to the planning dtype, built once per change of the model."""
 
     layers: tuple[torch.Tensor, ...]  # per layer [E, out, in + 1]: W^T, bias last; planning dtype
-    out_mu: torch.Tensor  # [D] float32
-    out_std: torch.Tensor  # [D] float32
-    max_logvar: torch.Tensor  # [E, 1, D] float32
-    min_logvar: torch.Tensor  # [E, 1, D] float32
+    out_mu: torch.Tensor  # [D, 1] float32, feature-major like the outputs
+    out_std: torch.Tensor  # [D, 1] float32
+    max_logvar: torch.Tensor  # [E, D, 1] float32
+    min_logvar: torch.Tensor  # [E, D, 1] float32
 
 
 class ProbabilisticEnsemble(nn.Module):
@@ -122,6 +122,7 @@ class ProbabilisticEnsemble(nn.Module):
             rollouts still return float32 observations. Settable; takes effect at the next
             :meth:`rollout_start`. bfloat16 pays off only where matmuls run natively in it
             (GPUs, CPUs with AVX512-BF16/AMX); on CPUs without it, it is many times slower.
+            :func:`auto_planning_dtype` picks the dtype for a device.
         ignored_obs: observation features the network never reads, e.g. an absolute x
             position the dynamics do not depend on; their change is still predicted. Their
             input std is held at ``inf``, so they normalize to 0 and the first layer gets
@@ -595,43 +596,46 @@ class ProbabilisticEnsemble(nn.Module):
         self._workspaces = {}
         self._plan_cache = _PlanningWeights(
             layers=layers,
-            out_mu=self.out_mu.clone(),
-            out_std=self.out_std.clone(),
-            max_logvar=self.max_logvar[el].detach().clone(),
-            min_logvar=self.min_logvar[el].detach().clone(),
+            out_mu=self.out_mu[:, None].clone(),
+            out_std=self.out_std[:, None].clone(),
+            max_logvar=self.max_logvar[el].detach().transpose(1, 2).contiguous(),
+            min_logvar=self.min_logvar[el].detach().transpose(1, 2).contiguous(),
         )
         self._plan_key = key
         return self._plan_cache
 
     def _mlp(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Elites on member-major rows ``obs [E, M, X]``, ``act [E, M, U]``.
+        """Elites on feature-major inputs ``obs [E, X, M]``, ``act [E, U, M]`` (any strides).
 
-        Returns the normalized mean and bounded log-variance, float32 ``[E, M, D]``.
+        Returns the normalized mean ``[E, D, M]`` (planning dtype; a view into the workspace,
+        valid until the next call) and the bounded log-variance ``[E, D, M]`` (float32, fresh).
 
         Activations are kept feature-major (``[E, features + 1, M]``) in reused workspaces
         whose last feature row is all ones, so that each layer is one ``bmm`` with the bias
         folded into the weights and written straight into the next layer's input: no bias
         broadcast copies and no allocation per step. The input normalization is folded into
-        the first layer.
+        the first layer. The outputs stay feature-major too, so that every elementwise op
+        after the network (bounds, sampling) runs along the contiguous row axis ``M``.
         """
         pw = self._plan_cache
-        inp, hidden = self._workspace(obs.shape[1], obs.device, pw.layers[0].dtype)
-        inp[:, : self.obs_dim].copy_(obs.transpose(1, 2))
-        inp[:, self.obs_dim : -1].copy_(act.transpose(1, 2))
+        inp, hidden, out = self._workspace(obs.shape[2], obs.device, pw.layers[0].dtype)
+        inp[:, : self.obs_dim].copy_(obs)
+        inp[:, self.obs_dim : -1].copy_(act)
         a = inp  # [E, in + 1, M]
         for i, w in enumerate(pw.layers[:-1]):
-            out = hidden[i % 2][:, :-1]  # [E, hidden, M], a view into the workspace
-            self._act_inplace(torch.bmm(w, a, out=out))
+            self._act_inplace(torch.bmm(w, a, out=hidden[i % 2][:, :-1]))  # [E, hidden, M]
             a = hidden[i % 2]
-        out = torch.bmm(pw.layers[-1], a).float().transpose(1, 2)  # [E, M, 2 D]
-        mean, logvar = out.split(self.out_dim, dim=-1)
-        return mean, _bound_logvar(logvar, pw.max_logvar, pw.min_logvar)
+        torch.bmm(pw.layers[-1], a, out=out)  # [E, 2 D, M]
+        d = self.out_dim
+        logvar = _bound_logvar(out[:, d:].float(), pw.max_logvar, pw.min_logvar)
+        return out[:, :d], logvar
 
     def _workspace(
         self, rows: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Input ``[E, X + U + 1, M]`` and two hidden ``[E, hidden + 1, M]`` buffers whose last
-        row is ones, made once per row count ``M`` (and planning weights)."""
+        row is ones, and the output ``[E, 2 D, M]``, made once per row count ``M`` (and planning
+        weights)."""
         key = (rows, device, dtype)
         if key not in self._workspaces:
             if len(self._workspaces) >= 8:  # iCEM's shrinking populations: a few sizes at most
@@ -640,16 +644,23 @@ class ProbabilisticEnsemble(nn.Module):
             self._workspaces[key] = (
                 torch.ones(e, self.obs_dim + self.act_dim + 1, rows, **kw),
                 tuple(torch.ones(e, self.hidden_size + 1, rows, **kw) for _ in range(2)),
+                torch.empty(e, 2 * self.out_dim, rows, **kw),
             )
         return self._workspaces[key]
 
     def _sample(
         self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """Sampled delta in target units ``[E, M, D]`` from normalized ``mean``, ``logvar``."""
+        """Sampled delta in target units ``[E, D, M]`` from the normalized ``mean`` and the
+        bounded ``logvar`` of :meth:`_mlp` (``logvar`` is overwritten).
+
+        The noise is drawn as ``[E, M, D]`` (member, row, target dim: the order every earlier
+        version drew it in, so that seeded rollouts keep their numbers) and read transposed.
+        """
         pw = self._plan_cache
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device)  # [E, M, D]
-        noisy = torch.addcmul(mean, logvar.mul_(0.5).exp_(), eps)
+        e, d, m = mean.shape
+        eps = torch.randn((e, m, d), generator=generator, device=mean.device).transpose(1, 2)
+        noisy = torch.addcmul(mean, logvar.mul_(0.5).exp_(), eps)  # [E, D, M] float32
         return torch.addcmul(pw.out_mu, noisy, pw.out_std)
 
     def _step_ts_inf(
@@ -662,10 +673,10 @@ class ProbabilisticEnsemble(nn.Module):
                 f"of rollout_start) for propagation 'ts_inf', got {list(obs.shape)}"
             )
         obs_me = obs.view(-1, e, self.obs_dim)  # [M, E, X]: row r uses elite r % E
-        act_me = act.view(-1, e, self.act_dim).transpose(0, 1)  # [E, M, U]
-        mean, logvar = self._mlp(obs_me.transpose(0, 1), act_me)
-        delta = self._sample(mean, logvar, generator).transpose(0, 1)  # [M, E, D]
-        nxt = (obs_me + delta[..., : self.obs_dim]).reshape(-1, self.obs_dim)  # [R, X]
+        act_me = act.view(-1, e, self.act_dim)  # [M, E, U]
+        mean, logvar = self._mlp(obs_me.permute(1, 2, 0), act_me.permute(1, 2, 0))
+        delta = self._sample(mean, logvar, generator).permute(2, 0, 1)  # [M, E, D]
+        nxt = torch.add(obs_me, delta[..., : self.obs_dim]).view(-1, self.obs_dim)  # [R, X]
         return RolloutState(obs=nxt, reward=self._flat_reward_of(delta))
 
     def _step_ts1(
@@ -676,12 +687,12 @@ class ProbabilisticEnsemble(nn.Module):
         # Position k of the permutation goes to elite k % E; rows are padded by wrapping
         # around when R is not a multiple of E, and the padded results are dropped.
         pos = torch.cat((perm, perm[: (-rows) % e]))  # [E * M]
-        obs_me = obs[pos].view(-1, e, self.obs_dim).transpose(0, 1)  # [E, M, X]
-        act_me = act[pos].view(-1, e, self.act_dim).transpose(0, 1)  # [E, M, U]
+        obs_me = obs[pos].view(-1, e, self.obs_dim).permute(1, 2, 0)  # [E, X, M]
+        act_me = act[pos].view(-1, e, self.act_dim).permute(1, 2, 0)  # [E, U, M]
         mean, logvar = self._mlp(obs_me, act_me)
-        delta_pos = self._sample(mean, logvar, generator).transpose(0, 1).reshape(-1, self.out_dim)
+        delta_pos = self._sample(mean, logvar, generator).permute(2, 0, 1)  # [M, E, D]
         delta = torch.empty(rows, self.out_dim, device=obs.device)  # [R, D]
-        delta.index_copy_(0, perm, delta_pos[:rows])
+        delta.index_copy_(0, perm, delta_pos.reshape(-1, self.out_dim)[:rows])
         nxt = obs + delta[:, : self.obs_dim]  # [R, X]
         return RolloutState(obs=nxt, reward=self._reward_of(delta))
 
@@ -689,9 +700,9 @@ class ProbabilisticEnsemble(nn.Module):
         self, obs: torch.Tensor, act: torch.Tensor, generator: torch.Generator | None
     ) -> RolloutState:
         e = self.num_elites
-        mean, _ = self._mlp(obs.expand(e, -1, -1), act.expand(e, -1, -1))  # [E, R, D]
+        mean, _ = self._mlp(obs.T.expand(e, -1, -1), act.T.expand(e, -1, -1))  # [E, D, R]
         pw = self._plan_cache
-        delta = torch.addcmul(pw.out_mu, mean.mean(dim=0), pw.out_std)  # [R, D]
+        delta = torch.addcmul(pw.out_mu, mean.float().mean(dim=0), pw.out_std).T  # [R, D]
         nxt = obs + delta[:, : self.obs_dim]  # [R, X]
         return RolloutState(obs=nxt, reward=self._reward_of(delta))
 
@@ -718,6 +729,45 @@ class ProbabilisticEnsemble(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+
+
+_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 dot products
+
+
+def auto_planning_dtype(device: torch.device | str | None = None) -> tuple[torch.dtype, str]:
+    """The planning dtype for ``device`` (``None``: CPU) and a line that says why.
+
+    ``torch.bfloat16`` where matmuls run natively in it: a CUDA GPU that supports it
+    (``torch.cuda.is_bf16_supported()``), or a CPU whose flags (``/proc/cpuinfo``) list
+    ``amx_bf16`` or ``avx512_bf16``, with oneDNN in this torch build (torch runs bfloat16 CPU
+    matmuls through oneDNN). ``torch.float32`` everywhere else, including CPUs whose flags
+    cannot be read (not Linux): there bfloat16 would be emulated and many times slower.
+    """
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, f"{torch.cuda.get_device_name(dev)} has native bfloat16"
+        return torch.float32, f"{torch.cuda.get_device_name(dev)} has no native bfloat16"
+    if dev.type != "cpu":
+        return torch.float32, f"no native bfloat16 matmul known on {dev.type}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = [f for f in _BF16_CPU_FLAGS if f in _cpu_flags()]
+    if flags and torch.backends.mkldnn.is_available():
+        return torch.bfloat16, f"CPU flags {', '.join(flags)}, torch capability {capability}"
+    reason = "no amx_bf16/avx512_bf16 CPU flag" if not flags else "torch built without oneDNN"
+    return torch.float32, f"{reason}, torch capability {capability}"
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def _layer_decays(weight_decay: float | Sequence[float] | None, num_layers: int) -> list[float]:

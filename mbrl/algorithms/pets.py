@@ -14,9 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from mbrl import envs
 from mbrl.algorithms.common import Summary, resolve_device
-from mbrl.algorithms.factory import EnsembleConfig, PlannerConfig, make_ensemble, make_planner
+from mbrl.algorithms.factory import (
+    EnsembleConfig,
+    PlannerConfig,
+    make_ensemble,
+    make_planner,
+    resolve_planning_dtype,
+)
 from mbrl.algorithms.mpc_loop import MPCRunConfig, train_mpc
 from mbrl.config import ConfigError, Count, Natural
 from mbrl.runs import Run
@@ -24,7 +32,7 @@ from mbrl.runs import Run
 
 def pets_ensemble() -> EnsembleConfig:
     """PETS's ensemble (section 4.1): 5 members of 3 x 200 units, all used, TS-inf particles,
-    the env's reward."""
+    the env's reward; planning in bfloat16 where the hardware runs it natively (``auto``)."""
     return EnsembleConfig(
         ensemble_size=5,
         num_elites=None,
@@ -34,6 +42,7 @@ def pets_ensemble() -> EnsembleConfig:
         val_fraction=0.1,
         learns_reward=False,
         propagation="ts_inf",
+        planning_dtype="auto",
     )
 
 
@@ -83,4 +92,5 @@ def train(cfg: Config, run: Run, device: str = "cpu") -> Summary:
     spec = envs.make(cfg.env)
     hidden = spec.position_obs if cfg.ignore_positions else ()
     model = make_ensemble(cfg.model, spec, dev, cfg.seed, hidden)
+    tqdm.write(resolve_planning_dtype(cfg.model.planning_dtype, dev)[1])
     return train_mpc(run, cfg, model, make_planner(cfg.planner), label="PETS", device=dev)
