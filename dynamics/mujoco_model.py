@@ -79,6 +79,10 @@ class MujocoModel:
         nthread: threads of the rollout pool; ``None`` uses the CPUs this process may run on,
             ``0`` runs on the calling thread.
         fd_eps: finite-difference step of :meth:`linearize`.
+        unobserved_qpos: ``qpos`` indices the observation leaves out because the dynamics do
+            not depend on them (the x position of a planar runner, dm_control's cheetah and
+            walker): ``obs_to_state`` sets them to their ``qpos0`` value, and the mapping check
+            leaves them there instead of perturbing them.
         linearize_method: ``"transition_fd"`` (``mujoco.mjd_transitionFD`` per simulator step,
             chained over ``frame_skip``) or ``"rollout_fd"`` (central differences of the whole
             control step, all points and perturbations in one batched rollout); ``"auto"``:
@@ -101,6 +105,7 @@ class MujocoModel:
         nthread: int | None = None,
         fd_eps: float = 1e-6,
         linearize_method: str = "auto",
+        unobserved_qpos: tuple[int, ...] = (),
     ) -> None:
         base = env.unwrapped
         if not all(hasattr(base, a) for a in ("model", "data", "frame_skip")):
@@ -139,6 +144,11 @@ class MujocoModel:
             linearize_method = "rollout_fd" if rk4 else "transition_fd"
         self.linearize_method = linearize_method
         self.env_name = type(base).__name__
+        self.unobserved_qpos = tuple(int(i) for i in unobserved_qpos)
+        if any(not 0 <= i < m.nq for i in self.unobserved_qpos):
+            raise ValueError(
+                f"unobserved_qpos {self.unobserved_qpos} must index qpos [0, nq={m.nq})"
+            )
         self._identity = obs_to_state is None
         if obs_to_state is None:
             if self.obs_dim != m.nq + m.nv:
@@ -204,6 +214,7 @@ class MujocoModel:
         m, d = self.mj_model, base.data
         rng = np.random.default_rng(0)
         qpos = m.qpos0[None] + rng.normal(0.0, 0.1, (4, m.nq))  # [4, nq]
+        qpos[:, list(self.unobserved_qpos)] = m.qpos0[list(self.unobserved_qpos)]
         qvel = rng.normal(0.0, 1.0, (4, m.nv))  # [4, nv]
         obs = self.state_to_obs(qpos, qvel)  # [4, X]
         if obs.shape != (4, self.obs_dim):

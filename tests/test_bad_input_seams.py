@@ -234,6 +234,8 @@ def _finite_states(spec) -> torch.Tensor:
 @pytest.mark.parametrize("name", envs.names())
 def test_every_termination_fn_ends_nonfinite_rows(name: str) -> None:
     spec = envs.make(name)
+    if len(getattr(spec, "obs_shape", ())) > 1:
+        pytest.skip("pixel tasks never terminate from images (tests/test_pixels.py)")
     finite = _finite_states(spec)  # [4, X]
     x = spec.obs_dim
     bad = finite[:1].repeat(3 * x, 1)  # one bad entry per row: each column NaN, inf, -inf
