@@ -13,9 +13,14 @@ filter) the controller keeps a belief: :meth:`MPCController.reset` takes the pri
 (``reset_belief(1)``), every :meth:`MPCController.act` updates it with the real observation
 and the action that led to it (``observe(belief, obs [1, ...], prev_act [1, U] or None)``),
 also between replans, and the planner plans from the belief; feedback gains act on the belief
-mean. For a discrete problem (``action_values [A, U]``) the actions are action vectors (rows of
+mean. Image observations (``uint8``) reach the filter as they are; anything else is float32.
+For a discrete problem (``action_values [A, U]``) the actions are action vectors (rows of
 ``action_values``), and the shifted tail is filled with the action value nearest the middle of
 the bounds.
+
+Exploration noise (PlaNet's, Hafner et al. 2019, Sec. 5: 0.3): with ``exploration_std > 0``
+every action played gets Gaussian noise of that std in units of half the action range, clipped
+to the bounds; the noisy action is the one returned and the one a filter observes next.
 """
 
 from __future__ import annotations
@@ -75,6 +80,9 @@ class MPCController:
         replan_every: ``k``; plan every ``k`` env steps and play the plan in between
             (``1 <= k <= H``).
         device: where observations are moved before planning.
+        exploration_std: std of the noise added to every action played, in units of half the
+            action range (0: none); settable between episodes.
+        exploration_generator: draws that noise (on ``device``; ``None``: torch's default).
 
     Attributes:
         plan: the stored plan (``None`` before the first :meth:`act` of an episode).
@@ -89,6 +97,8 @@ class MPCController:
         problem: PlanningProblem,
         replan_every: int = 1,
         device: torch.device | str = "cpu",
+        exploration_std: float = 0.0,
+        exploration_generator: torch.Generator | None = None,
     ) -> None:
         if not 1 <= replan_every <= problem.horizon:
             raise ValueError(
@@ -106,6 +116,9 @@ class MPCController:
             values = problem.action_values.to(self.device)  # [A, U]
             mid = values[torch.argmin(((values - mid) ** 2).sum(dim=-1))]
         self._mid = mid  # [U] fill of the shifted tail
+        self._half_range = (self._high - self._low) / 2  # [U] unit of the exploration noise
+        self.exploration_std = exploration_std
+        self.exploration_generator = exploration_generator
         self._filter: Filter | None = problem.model if isinstance(problem.model, Filter) else None
         self.reset()
 
@@ -132,7 +145,9 @@ class MPCController:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """The action ``[U]`` for the real observation ``obs [X]`` (``[...]`` for a filter)."""
-        x = torch.as_tensor(obs, dtype=torch.float32, device=self.device)  # [X]
+        x = torch.as_tensor(obs, device=self.device)  # [X], or uint8 images for a filter
+        if x.dtype != torch.uint8:
+            x = x.to(torch.float32)
         if self._filter is not None:
             prev = None if self._prev_act is None else self._prev_act[None]  # [1, U]
             self.belief = self._filter.observe(self.belief, x[None], prev)
@@ -153,6 +168,12 @@ class MPCController:
         u = self.plan.actions[self._t]
         if self.plan.K is not None and self.plan.x_ref is not None:
             u = u + self.plan.K[self._t] @ (x_now - self.plan.x_ref[self._t])
+            u = torch.minimum(torch.maximum(u, self._low), self._high)
+        if self.exploration_std > 0:
+            noise = torch.randn(
+                u.shape, generator=self.exploration_generator, device=self.device
+            )  # [U]
+            u = u + self.exploration_std * self._half_range * noise
             u = torch.minimum(torch.maximum(u, self._low), self._high)
         self._t += 1
         self._prev_act = u.detach()

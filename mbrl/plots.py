@@ -1,4 +1,4 @@
-"""Learning-curve plots (PNG, matplotlib's Agg backend: no display needed)."""
+"""Learning-curve plots and image strips (PNG, matplotlib's Agg backend: no display needed)."""
 
 from __future__ import annotations
 
@@ -335,6 +335,30 @@ def _finish(fig, ax, out: Path, x: str, y: str, title: str, target: float | None
     ax.grid(alpha=0.3)
     ax.margins(y=0.1)  # room for the run counts written above the curves
     ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def image_strip(rows: Sequence[tuple[str, np.ndarray]], out: Path, title: str = "") -> Path:
+    """Rows of frames side by side, one labelled row per ``(label, uint8 [T, H, W, 3])`` (real
+    frames against a model's predictions, say), saved as a PNG; rows may differ in ``T``."""
+    cols = max(len(frames) for _, frames in rows)
+    fig, axes = plt.subplots(
+        len(rows), cols, figsize=(0.9 * cols, 1.0 * len(rows) + 0.4), dpi=100, squeeze=False
+    )
+    for r, (label, frames) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if c < len(frames):
+                ax.imshow(frames[c], interpolation="nearest")
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out)
