@@ -880,3 +880,251 @@ def _plot(
     plt.close(fig)
     files.append(path)
     return files
+
+
+# ---------------------------------------------------------------- the guided policy search study
+
+GPS_METHODS = ("lqr-flm", "gps", "ilqr", "cem")
+"""The methods of :func:`run_gps_study`: LQR-FLM and MDGPS learn from env samples; iLQR-MPC and
+CEM-MPC plan on the system's true model."""
+_GPS_COLUMNS = (
+    "method",
+    "conditions",
+    "cost_mean",
+    "cost_std",
+    "held_out_cost_mean",
+    "env_steps",
+    "iterations",
+)
+
+
+@dataclass(frozen=True)
+class GPSStudyRow:
+    """One method of the guided policy search study."""
+
+    method: str
+    conditions: int  # M training start states
+    cost_mean: float  # closed-loop cost sum_t c(x_t, u_t) + c_T(x_T), mean over the conditions
+    cost_std: float
+    held_out_cost_mean: float  # the same from the held-out starts (nan: LQR-FLM has no policy)
+    env_steps: int  # real env steps learned from (0: planning on the true model)
+    iterations: int  # LQR-FLM / GPS iterations (0 for the planners)
+
+
+@dataclass(frozen=True)
+class GPSStudyResult:
+    """What :func:`run_gps_study` returns."""
+
+    env: str
+    rows: tuple[GPSStudyRow, ...]
+    files: tuple[Path, ...]
+
+
+def run_gps_study(
+    env: str,
+    out_dir: Path | str,
+    conditions: int = 4,
+    held_out: int = 4,
+    iterations: int = 8,
+    samples: int = 5,
+    horizon: int = 40,
+    episode_steps: int | None = None,
+    seed: int = 0,
+    methods: Sequence[str] = GPS_METHODS,
+    planner_options: dict[str, dict] | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> GPSStudyResult:
+    """LQR-FLM, MDGPS's global policy, iLQR-MPC and CEM-MPC on one analytic env, the same cost
+    (the system's stage cost summed over the episode plus its terminal cost) and the same
+    start states: the ``conditions`` training starts (env reset seeds
+    :func:`mbrl.algorithms.lqr_flm.condition_seed` of ``seed``) and ``held_out`` further ones.
+
+    LQR-FLM and GPS train for ``iterations`` iterations of ``samples`` episodes per condition in
+    their own run folders under ``out_dir`` (``lqr-flm/``, ``gps/``: metrics, plots,
+    checkpoints; ``mbrl resume`` continues them), then the noise-free local controllers (on
+    the training starts only: each belongs to its start) and the global policy alone are played
+    once from each start. iLQR and CEM replan every step on the true model with planning
+    horizon ``horizon`` (their options as in the control study, e.g. ``{"cem": {"population":
+    100}}``). Writes ``results.csv``, ``results.md`` and ``gps_study.png`` (the learners'
+    closed-loop cost against env steps, the planners' as lines).
+
+    Raises:
+        ValueError: an env without an analytic model, an unknown method or option, or counts
+            below 1.
+    """
+    from mbrl import envs
+    from mbrl.algorithms import gps, lqr_flm
+    from mbrl.envs.systems import ENV_NAMES
+    from mbrl.planners.lqr_flm import LinearGaussianController
+    from mbrl.runs import Run, load_checkpoint_file
+
+    if env not in ENV_NAMES:
+        raise ValueError(
+            f"the GPS study runs on an analytic env (its true model for iLQR and CEM); got "
+            f"{env!r}, valid: {', '.join(ENV_NAMES)}"
+        )
+    bad = [m for m in methods if m not in GPS_METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; valid: {', '.join(GPS_METHODS)}")
+    for name, value in (("conditions", conditions), ("iterations", iterations)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    options = planner_options or {}
+    for method, opts in options.items():
+        if method not in ("ilqr", "cem") or method not in methods:
+            raise ValueError(
+                f"planner options are for the planners run (ilqr, cem among {list(methods)}), "
+                f"not {method!r}"
+            )
+        check_planner_options({method: opts}, methods)
+    spec = envs.make(env)
+    system: AnalyticSystem = spec.dynamics
+    steps = episode_steps or spec.max_episode_steps
+    horizon = min(horizon, steps)
+    train_seeds = [lqr_flm.condition_seed(seed, m) for m in range(conditions)]
+    test_seeds = [lqr_flm.condition_seed(seed, conditions + j) for j in range(held_out)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sampler = lqr_flm.Sampler(spec, steps)
+    task = lqr_flm.TaskCost(spec)
+
+    def costs(seeds: Sequence[int], act: lqr_flm.ActFn) -> np.ndarray:
+        if not seeds:
+            return np.full(1, math.nan)
+        with torch.no_grad():
+            return task.totals(sampler.conditions(seeds, 1, act))[:, 0].numpy()
+
+    rows, curves = [], {}
+    common = {"env": env, "seed": seed, "iterations": iterations, "conditions": conditions}
+    common |= {"samples": samples, "horizon": steps}
+    for method in methods:
+        if method in ("lqr-flm", "gps"):
+            module = lqr_flm if method == "lqr-flm" else gps
+            extra = {"held_out": held_out} if method == "gps" else {}
+            cfg = module.Config(**common, **extra)
+            folder = out / method
+            run = Run(folder, cfg, {"algo": method, "device": "cpu"}, create="overwrite")
+            try:
+                module.train(cfg, run)
+            finally:
+                run.close()
+            state = load_checkpoint_file(folder / "checkpoint.pt")["state"]
+            local = lqr_flm.LocalControllers(
+                LinearGaussianController.initial(
+                    steps, spec.obs_dim, spec.act_dim, batch_shape=(conditions,)
+                )
+            )
+            local.load_state_dict(state["parts"]["local"])
+            if method == "gps":
+                policy = gps.make_policy(
+                    cfg.policy, spec.obs_dim, spec.act_dim, 1.0, seed, torch.device("cpu")
+                )
+                policy.load_state_dict(state["parts"]["policy"])
+                act = gps.policy_actions(policy, None, noise=False)
+                train_cost, test_cost = costs(train_seeds, act), costs(test_seeds, act)
+            else:
+                act = lqr_flm.controller_actions(local.controller, None, noise=False)
+                train_cost, test_cost = costs(train_seeds, act), np.full(1, math.nan)
+            env_steps = state["counters"]["env_steps"]
+            curves[method] = _eval_curve(folder / "metrics.csv")
+        else:
+            planner = _planner(method, system, horizon, _setup(system), options)
+            ran = []
+            for s in [*train_seeds, *test_seeds]:
+                problem = _problem(system, horizon, s)
+                ep = run_episode(
+                    spec.make(), MPCController(planner, problem), seed=s, max_steps=steps
+                )
+                ran.append(_closed_loop_cost(system, ep))
+            train_cost = np.asarray(ran[:conditions])
+            test_cost = np.asarray(ran[conditions:]) if test_seeds else np.full(1, math.nan)
+            env_steps = 0
+        row = GPSStudyRow(
+            method=method,
+            conditions=conditions,
+            cost_mean=float(train_cost.mean()),
+            cost_std=float(train_cost.std()),
+            held_out_cost_mean=float(test_cost.mean()),
+            env_steps=int(env_steps),
+            iterations=iterations if method in ("lqr-flm", "gps") else 0,
+        )
+        rows.append(row)
+        if progress is not None:
+            progress(
+                f"{env} {method}: cost {row.cost_mean:.2f} +- {row.cost_std:.2f} on {conditions} "
+                f"starts, held-out {row.held_out_cost_mean:.2f}, {row.env_steps} env steps"
+            )
+    files = [_gps_csv(rows, out / "results.csv")]
+    files.append(_gps_markdown(rows, out / "results.md", env, system, steps, horizon, seed))
+    files.append(_gps_plot(rows, curves, out / "gps_study.png", env))
+    return GPSStudyResult(env=env, rows=tuple(rows), files=tuple(files))
+
+
+def _eval_curve(metrics: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Env steps and the closed-loop cost of the noise-free agent after each iteration (minus
+    its return plus its terminal cost) from a run's ``metrics.csv``."""
+    with metrics.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    x = np.array([float(r["env_steps"]) for r in rows])
+    y = np.array([-float(r["return"]) + float(r["eval_terminal_cost"]) for r in rows])
+    return x, y
+
+
+def _gps_csv(rows: Sequence[GPSStudyRow], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(_GPS_COLUMNS)
+        for r in rows:
+            writer.writerow([getattr(r, c) for c in _GPS_COLUMNS])
+    return path
+
+
+def _gps_markdown(
+    rows: Sequence[GPSStudyRow],
+    path: Path,
+    env: str,
+    system: AnalyticSystem,
+    steps: int,
+    horizon: int,
+    seed: int,
+) -> Path:
+    head = (
+        f"# Guided policy search study: {env}\n\n"
+        f"Episodes of T = {steps} steps (dt = {system.dt:g} s); training starts: env reset seeds "
+        f"condition_seed({seed}, m). Cost: the system's stage cost summed over the episode plus "
+        "its terminal cost, of one noise-free closed-loop episode per start. lqr-flm: the local "
+        "controllers after the iterations (training starts only); gps: the MDGPS global policy "
+        f"alone; ilqr, cem: MPC on the true model, horizon H = {horizon}, replanning every "
+        "step. env_steps: real env steps the method learned from.\n\n"
+    )
+    lines = ["| " + " | ".join(_GPS_COLUMNS) + " |", "|" + "---|" * len(_GPS_COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(getattr(r, c)) for c in _GPS_COLUMNS) + " |" for r in rows]
+    path.write_text(head + "\n".join(lines) + "\n")
+    return path
+
+
+def _gps_plot(
+    rows: Sequence[GPSStudyRow],
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: Path,
+    env: str,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for i, (method, (x, y)) in enumerate(curves.items()):
+        ax.plot(x, y, marker="o", markersize=3, color=f"C{i}", label=f"{method} (noise-free)")
+    for j, r in enumerate(r for r in rows if r.method not in curves):
+        ax.axhline(r.cost_mean, color=f"C{len(curves) + j}", linestyle="--", label=r.method)
+    ax.set_yscale("log")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("closed-loop cost (mean over training starts)")
+    ax.set_title(f"GPS study: {env}")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

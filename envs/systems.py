@@ -802,6 +802,57 @@ def double_integrator(dt: float = 0.1, action_bound: float = 1.0) -> AnalyticSys
     return dataclasses.replace(system, ode_expr=ode)
 
 
+POINT_MASS_TARGET = np.array([5.0, 20.0])  # [m] cbfinn/gps box2d_pointmass_example
+
+
+def point_mass(
+    start: tuple[float, float] = (0.0, 5.0),
+    start_noise: float = 0.0,
+    action_bound: float = 40.0,
+) -> AnalyticSystem:
+    """The 2-D point-mass reach of cbfinn/gps (``experiments/box2d_pointmass_example``,
+    ``python/gps/agent/box2d/point_mass_world.py``) rebuilt as a linear system; state
+    ``[x, y, vx, vy]`` (m, m/s), action a commanded velocity ``[vx, vy]`` (m/s).
+
+    The Box2D world there has no gravity; each step sets the body's linear velocity to the
+    action and takes one Box2D step of ``h = 1 / 20`` s (``fwSettings.hz``), which damps the
+    velocity by ``c = 1 / (1 + 0.1 h)`` (``linearDamping = 0.1``) before moving the body::
+
+        v' = c u,    p' = p + h c u.
+
+    The action is clipped to ``[-action_bound, action_bound]`` per axis: 40 m/s is Box2D's
+    largest translation per step (``b2_maxTranslation = 2`` m) at 20 Hz (Box2D clamps the norm;
+    here each axis). Cost (``CostState`` with ``wp = 1``, ``l2 = 1`` on the position, and
+    ``CostAction`` with ``wu = 5e-5``): ``0.5 |p - (5, 20)|^2 + 0.5 * 5e-5 |u|^2`` per step;
+    the terminal cost ``0.5 |p_T - (5, 20)|^2`` stands for cbfinn's last sample step (weight
+    multiplier 1). ``T = 100`` steps. cbfinn's example starts at ``(0, 5)`` at rest (one
+    condition); ``start`` and ``start_noise`` (uniform half-width on every entry) move the
+    starts. The third (always zero) coordinate of cbfinn's end-effector sensors is dropped.
+    """
+    h = 1.0 / 20.0
+    c = 1.0 / (1.0 + 0.1 * h)
+    zeros = np.zeros((2, 2))
+    A = np.block([[np.eye(2), zeros], [zeros, zeros]])
+    B = np.vstack([h * c * np.eye(2), c * np.eye(2)])
+    Q = np.diag([0.5, 0.5, 0.0, 0.0])
+    return linear(
+        A=A,
+        B=B,
+        Q=Q,
+        R=0.5 * 5e-5 * np.eye(2),
+        Qf=Q,
+        goal=np.concatenate([POINT_MASS_TARGET, np.zeros(2)]),
+        action_bound=action_bound,
+        start=np.array([start[0], start[1], 0.0, 0.0]),
+        start_noise=start_noise,
+        dt=h,
+        name="point_mass",
+        max_episode_steps=100,
+        state_labels=("x [m]", "y [m]", "vx [m/s]", "vy [m/s]"),
+        action_labels=("vx command [m/s]", "vy command [m/s]"),
+    )
+
+
 SYSTEMS: dict[str, Callable[..., AnalyticSystem]] = {
     "pendulum": pendulum,
     "cartpole": cartpole,
@@ -815,6 +866,9 @@ ENV_NAMES: dict[str, Callable[[], AnalyticSystem]] = {
     "cartpole-swingup-analytic": lambda: cartpole(start_noise=0.05),
     "acrobot-swingup": lambda: acrobot(start_noise=0.05),
     "double-integrator": double_integrator,
+    "point-mass": point_mass,
+    # starts uniform over [0, 10] x [2.5, 12.5] m, the box of cbfinn/gps' four MDGPS starts
+    "point-mass-spread": lambda: point_mass(start=(5.0, 7.5), start_noise=5.0),
 }
 """Registered env names -> the system behind each (initial states with small noise)."""
 

@@ -20,6 +20,7 @@ mbrl eval runs/<name> [--checkpoint best] [--episodes N] [--video out.gif]
 mbrl plot runs/<name> ... --out curves.png [--threshold R]
                                             learning curves: mean and band per algorithm
 mbrl study control --system pendulum        LQR, iLQR, CEM, random shooting, NMPC compared
+mbrl study gps --system point-mass-spread   LQR-FLM, GPS, iLQR and CEM on the same cost
 mbrl sweep ALGO --env NAME --seeds 0-9 [key=a,b ...] [--backend local|ray]
                                             many seeds and settings, writing runs/sweep-<name>/
 mbrl sweep --resume runs/sweep-<name>       continue its unfinished runs
@@ -118,18 +119,35 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     study_p = sub.add_parser("study", help="comparison studies")
-    study_p.add_argument("kind", choices=["control"], help="control: the control-theory study")
+    study_p.add_argument(
+        "kind",
+        choices=["control", "gps"],
+        help="control: the control-theory study; gps: LQR-FLM and GPS against iLQR and CEM",
+    )
     study_p.add_argument(
         "--system",
         required=True,
-        help="linear, pendulum, cartpole, acrobot, or module:function returning an "
-        "AnalyticSystem of one's own (e.g. my_pkg.systems:make_system)",
+        help="control: linear, pendulum, cartpole, acrobot, or module:function returning an "
+        "AnalyticSystem of one's own (e.g. my_pkg.systems:make_system); gps: an analytic env "
+        "(point-mass, point-mass-spread, pendulum-swingup, ...)",
     )
-    study_p.add_argument("--initial-states", type=int, default=3, help="K initial states")
+    study_p.add_argument(
+        "--initial-states", type=int, default=3, help="K initial states (gps: training starts M)"
+    )
+    study_p.add_argument("--held-out", type=int, default=4, help="gps: held-out start states")
+    study_p.add_argument("--iterations", type=int, default=8, help="gps: LQR-FLM/GPS iterations")
+    study_p.add_argument(
+        "--samples", type=int, default=5, help="gps: episodes per start and iteration"
+    )
     study_p.add_argument("--horizon", type=int, help="planning horizon (per-system default)")
     study_p.add_argument("--steps", type=int, help="episode length (per-system default)")
     study_p.add_argument("--seed", type=int, default=0)
-    study_p.add_argument("--methods", nargs="+", help="subset of lqr ilqr cem random_shooting nmpc")
+    study_p.add_argument(
+        "--methods",
+        nargs="+",
+        help="control: subset of lqr ilqr cem random_shooting nmpc mcts; gps: of lqr-flm gps "
+        "ilqr cem",
+    )
     study_p.add_argument(
         "--option",
         nargs="+",
@@ -138,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="METHOD.NAME=VALUE",
         help="planner constructor options, e.g. ilqr.max_iterations=20 cem.population=300",
     )
-    study_p.add_argument("--name", help="run folder name (default study-control-SYSTEM)")
+    study_p.add_argument("--name", help="run folder name (default study-KIND-SYSTEM)")
     study_p.add_argument("--runs-dir", default="runs")
 
     plot_p = sub.add_parser(
@@ -355,7 +373,7 @@ def _continue(args: argparse.Namespace) -> int:
             f"(`mbrl run {algo} --config {path / 'config.yaml'} {refused[0]}=... --name NEW`)"
         )
     cfg = load_config(module.Config, path / "config.yaml", args.overrides)
-    for key in ("trials", "total_steps"):
+    for key in ("trials", "total_steps", "iterations"):
         old, new = getattr(stored, key, None), getattr(cfg, key, None)
         if old is not None and new < old:
             raise ConfigError(
@@ -384,12 +402,15 @@ def _budget_keys(cfg: Any) -> tuple[str, ...]:
     before (the MPC loop reads ``trials`` and ``stop_when_solved`` only in its stopping rule,
     the Dyna loops ``total_steps`` in theirs and for the last, partial epoch)."""
     from mbrl.algorithms.dyna import DynaConfig
+    from mbrl.algorithms.lqr_flm import LocalConfig
     from mbrl.algorithms.mpc_loop import MPCRunConfig
 
     if isinstance(cfg, MPCRunConfig):
         return ("trials", "stop_when_solved")
     if isinstance(cfg, DynaConfig):
         return ("total_steps",)
+    if isinstance(cfg, LocalConfig):  # LQR-FLM and GPS read iterations in their stopping rule
+        return ("iterations",)
     return ()
 
 
@@ -469,6 +490,8 @@ def _plot(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     import torch
 
+    if args.kind == "gps":
+        return _study_gps(args)
     from mbrl.control.study import METHODS, load_system, parse_planner_options, run_study
 
     system = load_system(args.system)  # a built-in name, or the AnalyticSystem of module:function
@@ -493,6 +516,35 @@ def _study(args: argparse.Namespace) -> int:
     print((out / "results.md").read_text())
     print(f"table: {out / 'results.csv'}\nplots: {out}/*.png")
     del result
+    return 0
+
+
+def _study_gps(args: argparse.Namespace) -> int:
+    import torch
+
+    from mbrl.control.study import GPS_METHODS, parse_planner_options, run_gps_study
+
+    methods = tuple(args.methods or GPS_METHODS)
+    unknown = sorted(set(methods) - set(GPS_METHODS))
+    if unknown:
+        raise KeyError(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(GPS_METHODS)}")
+    torch.set_num_threads(1)
+    out = Path(args.runs_dir) / (args.name or f"study-gps-{args.system}")
+    run_gps_study(
+        args.system,
+        out,
+        conditions=args.initial_states,
+        held_out=args.held_out,
+        iterations=args.iterations,
+        samples=args.samples,
+        horizon=args.horizon or 40,
+        episode_steps=args.steps,
+        seed=args.seed,
+        methods=methods,
+        planner_options=parse_planner_options(args.option),
+    )
+    print((out / "results.md").read_text())
+    print(f"table: {out / 'results.csv'}\nplot: {out / 'gps_study.png'}")
     return 0
 
 
