@@ -1,6 +1,8 @@
 """Dynamics models of p(s', r | s, a) behind one rollout interface.
 
-The Gaussian-process and MuJoCo models import gpytorch and mujoco on first use only.
+The Gaussian-process and MuJoCo models import gpytorch and mujoco on first use only; the latent
+image models (``RSSM``, ``SingleStepLatent``) load on first use too (they build on the pixel
+tasks of ``mbrl.envs``).
 """
 
 from importlib import import_module
@@ -26,6 +28,10 @@ _LAZY = {
     "GaussianProcessModel": "mbrl.dynamics.gp",
     "GPDiagnostics": "mbrl.dynamics.gp",
     "MujocoModel": "mbrl.dynamics.mujoco_model",
+    "RSSM": "mbrl.dynamics.rssm",  # the latent image models import mbrl.envs.pixels
+    "SingleStepLatent": "mbrl.dynamics.single_step",
+    "LatentLosses": "mbrl.dynamics.latent",
+    "LatentRewardCost": "mbrl.dynamics.latent",
     "TVLGDynamics": "mbrl.dynamics.tvlg",  # the TVLG fits import mbrl.planners.derivatives
     "TVLGPrior": "mbrl.dynamics.tvlg",
     "GMMPrior": "mbrl.dynamics.tvlg",
@@ -47,6 +53,8 @@ __all__ = [
     "GPDiagnostics",
     "GaussianProcessModel",
     "KnownModel",
+    "LatentLosses",
+    "LatentRewardCost",
     "Linearizable",
     "MemberPrediction",
     "ModelPrior",
@@ -54,7 +62,9 @@ __all__ = [
     "NormalInverseWishart",
     "Prediction",
     "ProbabilisticEnsemble",
+    "RSSM",
     "RolloutState",
+    "SingleStepLatent",
     "SystemModel",
     "TVLGDynamics",
     "TVLGPrior",

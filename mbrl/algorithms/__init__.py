@@ -20,6 +20,10 @@ ALGORITHMS: dict[str, str] = {
     "mba": "mbrl.algorithms.mba",
     "gp-mpc": "mbrl.algorithms.gp_mpc",
     "mcts-mpc": "mbrl.algorithms.mcts_mpc",
+    "lqr-flm": "mbrl.algorithms.lqr_flm",
+    "gps": "mbrl.algorithms.gps",
+    "planet": "mbrl.algorithms.planet",
+    "latent-mpc": "mbrl.algorithms.latent_mpc",
 }
 
 

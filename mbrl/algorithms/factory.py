@@ -30,7 +30,7 @@ from mbrl.config import (
     to_dict,
 )
 from mbrl.dynamics import FitError
-from mbrl.dynamics.ensemble import ProbabilisticEnsemble
+from mbrl.dynamics.ensemble import ProbabilisticEnsemble, auto_planning_dtype
 from mbrl.envs.registry import known
 from mbrl.learners import NAF, SAC, TD3, Learner
 from mbrl.planners import CEM, ILQR, MPPI, RandomShooting
@@ -77,8 +77,10 @@ class EnsembleConfig:
     """How imagined steps move: ``ts1`` samples each step from a random elite's Gaussian
     (MBPO's rollouts), ``ts_inf`` keeps one member per particle (PETS's TS-inf),
     ``expectation`` takes the mean over elites (a deterministic model; MVE's targets)."""
-    planning_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of the MLP during rollouts."""
+    planning_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    """Dtype of the MLP during rollouts; ``auto`` is bfloat16 where matmuls run natively in it
+    (CPUs with AVX512-BF16 or AMX, GPUs that support it) and float32 elsewhere, printed at the
+    start of the run. Fits are float32 always."""
     train_every: Annotated[int, Range(1, fix="refit the model every n >= 1 env steps")] = 250
     """Dyna runs: refit the model every this many env steps (MPC runs refit once per trial)."""
 
@@ -151,12 +153,21 @@ class PlannerConfig:
     dirichlet_fraction: Fraction = 0.25
     """Share of the Dirichlet noise in the root prior (mcts, with dirichlet_alpha)."""
     rollout_depth: Natural = 0
-    """Random-action steps from each new leaf to estimate its value (mcts; 0: the leaf is
+    """Default-policy steps from each new leaf to estimate its value (mcts; 0: the leaf is
     scored by the problem's value_fn, or 0 without one)."""
+    rollout_policy: Literal["random", "repeat"] = "random"
+    """The rollouts' default policy (mcts): random actions, or repeat (the action into the
+    leaf, held for the whole rollout)."""
     normalize_values: bool = True
     """Scale Q values to [0, 1] by the tree's min and max before selection (mcts)."""
     reuse_tree: bool = False
     """Keep the subtree below the played action for the next plan (mcts)."""
+    leaves_per_wave: Count = 1
+    """Leaves selected per wave with virtual loss and expanded and evaluated by one model call
+    (mcts; 1: one leaf per call, the sequential search)."""
+    virtual_loss: NonNegative = 1.0
+    """What a descent still in its wave takes off the normalized value of each edge it
+    passed (mcts, leaves_per_wave > 1)."""
     compile: bool = False
     """Run the rollouts of the sampling planners (random, cem, icem, mppi) through
     torch.compile: fewer, fused kernels on cheap models; each new population size compiles
@@ -266,11 +277,21 @@ def make_ensemble(
         max_epochs=cfg.max_epochs,
         patience=cfg.patience,
         val_fraction=cfg.val_fraction,
-        planning_dtype=DTYPES[cfg.planning_dtype],
+        planning_dtype=resolve_planning_dtype(cfg.planning_dtype, device)[0],
         device=device,
         seed=seed,
         ignored_obs=tuple(ignored_obs),
     )
+
+
+def resolve_planning_dtype(name: str, device: torch.device | str) -> tuple[torch.dtype, str]:
+    """The dtype ``model.planning_dtype=name`` means on ``device``, and a line for the run's
+    header that says what was chosen and why (:func:`~mbrl.dynamics.ensemble.auto_planning_dtype`
+    for ``auto``)."""
+    if name == "auto":
+        dtype, why = auto_planning_dtype(device)
+        return dtype, f"planning dtype: {str(dtype).removeprefix('torch.')} (auto: {why})"
+    return DTYPES[name], f"planning dtype: {name} (model.planning_dtype)"
 
 
 def make_planner(cfg: PlannerConfig) -> Planner:
@@ -302,8 +323,11 @@ def make_planner(cfg: PlannerConfig) -> Planner:
             dirichlet_alpha=cfg.dirichlet_alpha,
             dirichlet_fraction=cfg.dirichlet_fraction,
             rollout_depth=cfg.rollout_depth,
+            rollout_policy=cfg.rollout_policy,
             normalize_values=cfg.normalize_values,
             reuse_tree=cfg.reuse_tree,
+            leaves_per_wave=cfg.leaves_per_wave,
+            virtual_loss=cfg.virtual_loss,
         )
     cem = {
         "population": cfg.population,
