@@ -66,7 +66,7 @@ def closed_loop(env_name: str, planner, horizon: int, torques: int | None, args)
     gen = torch.Generator().manual_seed(args.seed)
     values = spec.discrete_actions() if spec.discrete else None
     problem = PlanningProblem(
-        model, spec.reward_fn, spec.termination_fn, horizon, low, high, 1, gen,
+        model, spec.reward_fn, spec.termination_fn, horizon, low, high, args.particles, gen,
         value_fn=value_fn, action_values=values, discount=args.discount,
     )  # fmt: skip
     controller = MPCController(planner, problem)
@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--exploration", type=float, default=1.25)
     parser.add_argument("--max-depth", type=int, default=None, help="None: the horizon")
     parser.add_argument("--discount", type=float, default=1.0, help="gamma of both planners")
+    parser.add_argument(
+        "--particles", type=int, default=1, help="P copies of each state (P rollouts per leaf)"
+    )
     parser.add_argument("--reuse-tree", action="store_true")
     parser.add_argument("--leaves-per-wave", type=int, default=1, help="K leaves per model call")
     parser.add_argument("--virtual-loss", type=float, default=1.0)

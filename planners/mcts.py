@@ -407,6 +407,49 @@ class _Selection:
 
 
 @dataclass(frozen=True)
+class _Flat:
+    """Flat views of one tree's tensors (the same storage), made once per search: node fields
+    ``[B * M]`` (``alive [B * M, P]``), edge fields ``[B * M * A]``, the same per node ``[B * M,
+    A]`` (``node_*``) and the child slots ``[B * M * A * W]``."""
+
+    visits: torch.Tensor
+    value_sums: torch.Tensor
+    raw_values: torch.Tensor
+    rewards: torch.Tensor
+    terminal: torch.Tensor
+    parents: torch.Tensor
+    actions_from_parent: torch.Tensor
+    depths: torch.Tensor
+    alive: torch.Tensor
+    edge_visits: torch.Tensor
+    edge_sums: torch.Tensor
+    pruned: torch.Tensor
+    node_edge_visits: torch.Tensor
+    node_edge_sums: torch.Tensor
+    node_pruned: torch.Tensor
+    node_priors: torch.Tensor
+    children: torch.Tensor
+
+
+def _flat(tree: Tree) -> _Flat:
+    a, p = tree.priors.shape[2], tree.alive.shape[2]
+    nodes = ("visits", "value_sums", "raw_values", "rewards", "terminal", "parents")
+    nodes += ("actions_from_parent", "depths")
+    return _Flat(
+        **{f: getattr(tree, f).view(-1) for f in nodes},
+        alive=tree.alive.view(-1, p),
+        edge_visits=tree.edge_visits.view(-1),
+        edge_sums=tree.edge_sums.view(-1),
+        pruned=tree.pruned.view(-1),
+        node_edge_visits=tree.edge_visits.view(-1, a),
+        node_edge_sums=tree.edge_sums.view(-1, a),
+        node_pruned=tree.pruned.view(-1, a),
+        node_priors=tree.priors.view(-1, a),
+        children=tree.children.view(-1),
+    )
+
+
+@dataclass(frozen=True)
 class _Descent:
     """One descent per root: flat node indices, ``[B]`` each (``[K * B]`` for a wave of
     ``K``, descent-major)."""
@@ -488,6 +531,7 @@ class _Search:
         tree = _empty_tree(
             root, b, m + 1, self.a, self.w, self.p, self.problem.act_dim, not self.discrete, dev
         )
+        self.f = _flat(tree)
         alive = torch.ones(b, self.p, dtype=torch.bool, device=dev)
         value, bad = self.leaf_value(root, alive)
         if bool(bad.any()):
@@ -522,17 +566,18 @@ class _Search:
             src = getattr(state, name)
             dst = getattr(tree.states, name)
             if dst is not None and src is not None:
-                dst.index_copy_(0, rows, src.to(dst.dtype))
+                dst.index_copy_(0, rows, src if src.dtype == dst.dtype else src.to(dst.dtype))
         terminal = ~alive.any(dim=1)
-        tree.alive.view(-1, p).index_copy_(0, flat, alive)
-        tree.raw_values.view(-1).index_copy_(0, flat, value)
-        tree.rewards.view(-1).index_copy_(0, flat, reward)
-        tree.terminal.view(-1).index_copy_(0, flat, terminal)
-        tree.parents.view(-1).index_copy_(0, flat, parent)
-        tree.actions_from_parent.view(-1).index_copy_(0, flat, action)
-        tree.depths.view(-1).index_copy_(0, flat, depth)
+        f = self.f
+        f.alive.index_copy_(0, flat, alive)
+        f.raw_values.index_copy_(0, flat, value)
+        f.rewards.index_copy_(0, flat, reward)
+        f.terminal.index_copy_(0, flat, terminal)
+        f.parents.index_copy_(0, flat, parent)
+        f.actions_from_parent.index_copy_(0, flat, action)
+        f.depths.index_copy_(0, flat, depth)
         if self.use_prior:
-            tree.priors.view(-1, self.a).index_copy_(0, flat, self.prior_probs(state))
+            f.node_priors.index_copy_(0, flat, self.prior_probs(state))
         if tree.node_actions is not None:
             u = tree.node_actions.shape[-1]
             actions = self.sample_actions(state)  # [R, A, U]
@@ -557,10 +602,10 @@ class _Search:
                     f"problem.value_fn: expected values [R={b * p}] (one per particle row), "
                     f"got {list(value.shape)}"
                 )
-            value = value.float().view(b, p)
+            value = (value if value.dtype == torch.float32 else value.float()).view(b, p)
             ok = torch.isfinite(value)
             bad = (alive & ~ok).any(dim=1)
-            return torch.where(alive & ok, value, 0.0).mean(dim=1), bad
+            return _particle_mean(torch.where(alive & ok, value, 0.0)), bad
         total = torch.zeros(b, p, dtype=torch.float32, device=self.device)
         bad = torch.zeros(b, dtype=torch.bool, device=self.device)
         live = alive.clone()
@@ -575,7 +620,7 @@ class _Search:
             state = step.state
             if t + 1 < self.cfg.rollout_depth and not bool(live.any()):
                 break  # every rollout ended: the remaining steps add 0
-        return total.mean(dim=1), bad
+        return _particle_mean(total), bad
 
     def random_actions(self, rows: int) -> torch.Tensor:
         """``[rows, U]`` uniformly random actions: an index of ``action_values`` (discrete) or
@@ -648,13 +693,14 @@ class _Search:
         vsum: torch.Tensor,
         ev: torch.Tensor,
         es: torch.Tensor,
-        pruned: torch.Tensor,
-        prior: torch.Tensor,
+        pruned: torch.Tensor | None,
+        prior: torch.Tensor | None,
         penalty: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Selection scores ``[R, A]`` of nodes with visits ``n [R]``, value sums ``vsum [R]``
-        and action statistics ``ev, es, pruned, prior [R, A]`` (minus infinity: not allowed);
-        ``penalty [R, A]`` (virtual loss) is taken off ``Q'``."""
+        and action statistics ``ev, es, pruned, prior [R, A]`` (minus infinity: not allowed;
+        ``pruned`` is read with pruning or widening, ``prior`` by PUCT, else they may be
+        ``None``); ``penalty [R, A]`` (virtual loss) is taken off ``Q'``."""
         cfg = self.cfg
         tried = ev > 0
         q = es / ev.clamp(min=1.0)
@@ -689,12 +735,13 @@ class _Search:
         a, w = self.a, self.w
         if self.touched is not None:
             self.touched.append(rows)
-        n = tree.visits.view(-1).index_select(0, rows)
-        vsum = tree.value_sums.view(-1).index_select(0, rows)
-        ev = tree.edge_visits.view(-1, a).index_select(0, rows)
-        es = tree.edge_sums.view(-1, a).index_select(0, rows)
-        pruned = tree.pruned.view(-1, a).index_select(0, rows)
-        prior = tree.priors.view(-1, a).index_select(0, rows)
+        f = self.f
+        n = f.visits.index_select(0, rows)
+        vsum = f.value_sums.index_select(0, rows)
+        ev = f.node_edge_visits.index_select(0, rows)
+        es = f.node_edge_sums.index_select(0, rows)
+        pruned = f.node_pruned.index_select(0, rows) if self.pruning or self.widening else None
+        prior = f.node_priors.index_select(0, rows) if not self.uct else None
         penalty = None
         if self.waves:
             # pending descents of the wave: each is one more visit at the current mean (Q
@@ -736,6 +783,7 @@ class _Search:
         b, a = self.b, self.a
         dev = self.device
         m = tree.visits.shape[1]
+        self.f = _flat(tree)
         clean_prior = tree.priors[:, 0].clone()  # the tree keeps the prior without the noise
         if cfg.dirichlet_alpha is not None and cfg.dirichlet_fraction > 0:
             self.add_root_noise(tree)
@@ -808,14 +856,14 @@ class _Search:
             d = _merge(d, self.walk(tree, new, height), retry, self.sinks)
         # claim the edge for the new slot (closed until it is written) and count the path as
         # pending
-        children_f = tree.children.view(-1)
+        children_f = self.f.children
         child, dead = d.child, d.dead
         claim = ~dead & (child < 0)
         kept = children_f.index_select(0, d.slot)
         children_f.index_copy_(0, d.slot, torch.where(claim, new, kept))
         blocked = claim | self.blocked.index_select(0, d.edge)
         self.blocked.index_copy_(0, d.edge, blocked)
-        tree.actions_from_parent.view(-1).index_copy_(0, d.new, d.choice)
+        self.f.actions_from_parent.index_copy_(0, d.new, d.choice)
         sel.open.index_fill_(0, d.new, False)
         going = ~dead & (child < first)  # not a collision
         leaf = torch.where(claim, d.new, self.boff + child.clamp(min=0))
@@ -831,9 +879,8 @@ class _Search:
         """The descent of :meth:`descend` before any claim: down the chosen children to the
         first node whose chosen action has no child that may be passed; a node whose every
         action is pruned has the edge into it pruned."""
-        a, w, sel = self.a, self.w, self.sel
+        a, w, sel, f = self.a, self.w, self.sel, self.f
         boff, sinks = self.boff, self.sinks
-        children_f = tree.children.view(-1)
         depth_limit = self.depth
         # the chosen child of every node is precomputed (sel.next, the sink where the descent
         # ends), so a step down is one gather for all roots
@@ -845,8 +892,8 @@ class _Search:
                 node = sel.next.index_select(0, node)
                 nodes.append(node)
         else:
-            children = tree.children.view(-1, w)
-            ev_f, visits = tree.edge_visits.view(-1), tree.visits.view(-1)
+            children = f.children.view(-1, w)
+            ev_f, visits = f.edge_visits, f.visits
             for _ in range(depth_limit):
                 edge = node * a + sel.best.index_select(0, node)
                 child, outcome = self.pick_outcome(children, edge, ev_f, visits, boff)
@@ -866,13 +913,13 @@ class _Search:
         edge = pnode * a + choice
         if w == 1:
             slot = edge
-            child = children_f.index_select(0, edge)
+            child = f.children.index_select(0, edge)
         else:
             outcome = torch.stack(outs, dim=1).gather(1, last)[:, 0]
             child, _ = self.pick_outcome(children, edge, ev_f, visits, boff)
             slot = edge * w + outcome
         if self.pruning:
-            dead = tree.pruned.view(-1).index_select(0, edge)  # every action is pruned
+            dead = f.pruned.index_select(0, edge)  # every action is pruned
             if bool(dead.any()):
                 self.prune_into(tree, sel, pnode, dead, boff)
         else:
@@ -883,7 +930,7 @@ class _Search:
         """Block the edge into each flat node of ``nodes [R]`` (blocked everywhere; roots
         have none) for the rest of the wave, then into each parent that is blocked everywhere
         now, up to the roots."""
-        parents, af = tree.parents.view(-1), tree.actions_from_parent.view(-1)
+        parents, af = self.f.parents, self.f.actions_from_parent
         for _ in range(self.depth):
             parent = parents.index_select(0, nodes)
             has = parent >= 0
@@ -916,7 +963,7 @@ class _Search:
         pos = below.view(-1).nonzero().squeeze(1)  # [C]
         nodes = full[:, 1:].reshape(-1).index_select(0, pos)
         parents = path.view(-1).index_select(0, pos)
-        af = tree.actions_from_parent.view(-1).index_select(0, nodes)
+        af = self.f.actions_from_parent.index_select(0, nodes)
         return full, pos, nodes, parents * self.a + af
 
     def expand_and_backup(
@@ -954,11 +1001,13 @@ class _Search:
         else:
             act_vec = tree.node_actions.view(-1, tree.node_actions.shape[-1]).index_select(0, edge)
         act_rows = act_vec.repeat_interleave(p, dim=0) if p > 1 else act_vec
-        act_rows = act_rows.to(pstate.obs.dtype)
+        if act_rows.dtype != pstate.obs.dtype:
+            act_rows = act_rows.to(pstate.obs.dtype)
         step = problem.step(pstate, act_rows)
-        palive = tree.alive.view(-1, p).index_select(0, pnode)  # [K * B, P]
+        f = self.f
+        palive = f.alive.index_select(0, pnode)  # [K * B, P]
         finite = step.finite.view(rows, p)
-        reward = torch.where(palive & finite, step.reward.view(rows, p), 0.0).mean(dim=1)
+        reward = _particle_mean(torch.where(palive & finite, step.reward.view(rows, p), 0.0))
         nalive = palive & step.alive.view(rows, p)
         value, vbad = self.leaf_value(step.state, nalive, act_rows)
         bad = expand & ((palive & ~finite).any(dim=1) | vbad)
@@ -972,7 +1021,7 @@ class _Search:
         # the new node is at depth level + 1: open unless terminal or at max_depth
         opened = ok & ~terminal & (level + 1 < self.depth)
         sel.open.index_copy_(0, d.new, opened)
-        children_f, pruned_f = tree.children.view(-1), tree.pruned.view(-1)
+        children_f, pruned_f = f.children, f.pruned
         if not self.waves:  # a wave claimed its edges in the descents
             kept = children_f.index_select(0, d.slot)
             children_f.index_copy_(0, d.slot, torch.where(ok, d.new - boff, kept))
@@ -1008,23 +1057,21 @@ class _Search:
         steps = path.shape[1]
         length = level + 1
         roots = path[:, 0]
-        rewards, raw = tree.rewards.view(-1), tree.raw_values.view(-1)
+        rewards, raw = f.rewards, f.raw_values
         # z_d for d < l is the reward into P_(d + 1) (a sink's is 0), z_l the leaf value
         into = full[:, 1:].reshape(-1)  # [K * B * L] P_1 .. P_L
         z = torch.cat([rewards.index_select(0, into).view(rows, steps), self.zero_col[:rows]], 1)
         z = z * back[:, None]  # [K * B, L + 1]
         z.scatter_(1, length[:, None], raw.index_select(0, leaf)[:, None])
         ret = z @ self.returns[: steps + 1, : steps + 1]  # [K * B, L + 1] G_d
-        visits, value_sums = tree.visits.view(-1), tree.value_sums.view(-1)
+        visits, value_sums = f.visits, f.value_sums
         visits.index_add_(0, roots, back.float())
         value_sums.index_add_(0, roots, ret[:, 0])
         visits.index_add_(0, below, torch.ones_like(below, dtype=torch.float32))
         value_sums.index_add_(0, below, ret[:, 1:].reshape(-1).index_select(0, pos))
         # edge (P_d, a_d) into P_(d + 1) gets G_d
-        tree.edge_visits.view(-1).index_add_(0, edges, torch.ones_like(edges, dtype=torch.float32))
-        tree.edge_sums.view(-1).index_add_(
-            0, edges, ret[:, :steps].reshape(-1).index_select(0, pos)
-        )
+        f.edge_visits.index_add_(0, edges, torch.ones_like(edges, dtype=torch.float32))
+        f.edge_sums.index_add_(0, edges, ret[:, :steps].reshape(-1).index_select(0, pos))
         # every node a descent reached may select differently now
         if self.waves:
             # and every node whose choice was made with pending descents or blocked edges
@@ -1205,6 +1252,11 @@ def _drop_sink(tree: Tree) -> Tree:
 
     states = RolloutState(**{f: rows(getattr(tree.states, f)) for f in _STATE_FIELDS})
     return Tree(**kept, states=states, used=tree.used)
+
+
+def _particle_mean(x: torch.Tensor) -> torch.Tensor:
+    """``[R]`` mean of ``x [R, P]`` over its particles (the column itself for one)."""
+    return x.view(-1) if x.shape[1] == 1 else x.mean(dim=1)
 
 
 def _rows(state: RolloutState, rows: torch.Tensor) -> RolloutState:
