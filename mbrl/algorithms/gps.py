@@ -98,7 +98,8 @@ class Config(LocalConfig):
     max_step_mult: Positive = 1.0
     sample_from: Literal["policy", "local"] = "policy"
     """Where the samples of the iterations after the first come from: the global policy
-    (on-policy MDGPS) or the local controllers."""
+    (on-policy MDGPS) or the local controllers (measured far worse on Reacher-v5:
+    experiments/RESULTS.md, "Guided policy search")."""
     held_out: Natural = 4
     """Start states (reset seeds after the training conditions') the policy alone is evaluated
     on each iteration."""
