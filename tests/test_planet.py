@@ -162,7 +162,30 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "chunk_length=60 exceeds the 50 steps" in err and not (tmp_path / "b").exists()
     assert _run(tmp_path, [*PLANET, "planner.name=mcts"], "c") != 0
-    assert "planner.name=mcts" in capsys.readouterr().err
+    assert "planner.actions=widening" in capsys.readouterr().err  # the box needs a rule
+
+
+@pytest.mark.parametrize("actions", ["sampled", "widening"])
+def test_mcts_plans_in_latent_space_from_the_belief(tmp_path, actions):
+    """MCTS searches the RSSM's latent rollouts from the filter's belief over box actions it
+    samples or widens: the run plays its episodes to the end with every action in the box."""
+    argv = [*PLANET, "planner.name=mcts", f"planner.actions={actions}",
+            "planner.simulations=8", "planner.rollout_depth=2"]  # fmt: skip
+    played = []
+    step = MPCController.act
+
+    def act(self, obs):
+        played.append(step(self, obs))
+        return played[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MPCController, "act", act)
+        assert _run(tmp_path, argv, actions) == 0
+    rows = _rows(tmp_path / actions)
+    assert [int(r["length"]) for r in rows[1:]] == [50, 50]  # two MPC trials of 50 steps
+    acts = np.stack(played)
+    assert acts.shape == (100, 1) and np.isfinite(acts).all() and np.abs(acts).max() <= 2.0
+    assert len(np.unique(acts.round(4))) > 10  # searched the box, not a grid
 
 
 def test_a_diverging_model_stops_the_run_on_its_last_checkpoint(tmp_path, capsys, monkeypatch):

@@ -207,10 +207,11 @@ class LatentRunConfig(MPCRunConfig):
                 f"env={self.env} observes states; latent image models plan from pixels: use a "
                 f"pixel task ({pixels})"
             )
-        if self.planner.name == "mcts":
+        if self.planner.name == "mcts" and self.planner.actions == "discrete":
             raise ConfigError(
-                "planner.name=mcts needs discrete actions or an action grid; latent image models "
-                "plan box actions: use random, cem, icem, mppi or ilqr"
+                "planner.name=mcts with planner.actions=discrete needs discrete actions; latent "
+                "image models plan box actions: search the box with planner.actions=widening "
+                "or planner.actions=sampled"
             )
 
 
