@@ -369,6 +369,27 @@ class MujocoModel:
         obs = torch.as_tensor(self._obs(nxt), dtype=state.obs.dtype, device=state.obs.device)
         return RolloutState(obs=obs, hidden=torch.from_numpy(nxt))
 
+    def rollout_held(
+        self, state: RolloutState, act: torch.Tensor, repeat: int
+    ) -> tuple[torch.Tensor, RolloutState]:
+        """``repeat`` control steps with ``act [B * P, U]`` held, in one native rollout: the
+        observations after each ``[repeat, B * P, X]`` and the state after the last, at the cost of
+        one call of :meth:`rollout_step`. Equal to ``repeat`` calls of it (the full simulator
+        state is carried either way) up to the contact solver's warm start, which a single call
+        does not carry over (about 1e-14 on walker; bit for bit without contacts)."""
+        check_rows(state.obs, act, self.obs_dim, self.act_dim, "state.obs")
+        if state.hidden is None:
+            full = self._states(state.obs.detach().cpu().double().numpy())
+        else:
+            check_shape("state.hidden", state.hidden, (state.obs.shape[0], self.nstate))
+            full = state.hidden.numpy()
+        u = act.detach().cpu().double().numpy()[:, None]  # [B * P, 1, U]
+        states = self._simulate(full, np.repeat(u, repeat, axis=1))  # [B * P, R, nstate]
+        obs = self._obs(states.transpose(1, 0, 2))  # [R, B * P, X]
+        obs = torch.as_tensor(obs, dtype=state.obs.dtype, device=state.obs.device)
+        last = np.ascontiguousarray(states[:, -1])
+        return obs, RolloutState(obs=obs[-1], hidden=torch.from_numpy(last))
+
     # ------------------------------------------------------------------ derivatives
     def linearize(
         self, x: torch.Tensor, u: torch.Tensor, t: torch.Tensor | None = None

@@ -899,7 +899,19 @@ class ActionRepeatModel:
     def rollout_step(
         self, state: RolloutState, act: torch.Tensor, generator: torch.Generator | None = None
     ) -> RolloutState:
-        """``R`` inner steps under ``act [B * P, U]``; ``reward [B * P]`` is their sum."""
+        """``R`` inner steps under ``act [B * P, U]``; ``reward [B * P]`` is their sum. An inner
+        model that rolls a held action natively (``rollout_held``: the MuJoCo model) makes
+        one call of it, and the reward scores the ``R`` inner steps in one batch."""
+        held = getattr(self.model, "rollout_held", None)
+        if held is not None:
+            obs, last = held(state, act, self.repeat)  # [R, B * P, X]
+            before = torch.cat([state.obs[None], obs[:-1]])  # [R, B * P, X]
+            acts = act[None].expand(self.repeat, *act.shape)
+            r = self.reward_fn(before, acts, obs)  # [R, B * P]
+            total = r[0]
+            for i in range(1, self.repeat):  # the order of the step-by-step sum
+                total = total + r[i]
+            return RolloutState(obs=last.obs, reward=total, hidden=last.hidden)
         total = None
         for _ in range(self.repeat):
             nxt = self.model.rollout_step(state, act, generator)
