@@ -403,6 +403,12 @@ class NMPC:
                 f"NMPC was built for horizon {self.horizon}, the problem has {problem.horizon}; "
                 "build NMPC with the problem's horizon"
             )
+        self._transcription(problem)  # refuses a model without a casadi twin first
+        if not torch.is_tensor(x0):
+            raise TypeError(
+                f"x0: NMPC plans from a state [X], got a {type(x0).__name__}; plan a filter's "
+                "belief with ilqr or a sampling planner"
+            )
         check_shape("x0", x0, (problem.model.obs_dim,))
         guess = None
         if warm is not None:

@@ -2,7 +2,9 @@
 
 Models: the probabilistic ensemble and the Gaussian process (both fitted briefly on random
 transitions of the analytic pendulum), the MuJoCo ground truth of the ``cartpole-swingup`` task,
-and the analytic pendulum's own model. Planners: random shooting, CEM, iCEM, MPPI, LQR, iLQR,
+the analytic pendulum's own model, and a small RSSM (PlaNet's latent model, untrained) planned
+from a 16 x 16 frame of pixel Pendulum through its filter's belief (iLQR on the belief's
+features with the learned reward as its cost, as ``mbrl run planet planner.name=ilqr``). Planners: random shooting, CEM, iCEM, MPPI, LQR, iLQR,
 casadi/IPOPT NMPC and MCTS (on the box: sampled actions, since these problems are not
 discrete). A pair either plans (one ``MPCController.act`` from a fixed start, the same
 action for the same seed, inside the bounds) or is refused with a message when it is built or
@@ -34,7 +36,7 @@ from mbrl.planners import CEM, ILQR, LQR, MPPI, PlanningProblem, RandomShooting
 from mbrl.planners.mcts import MCTS
 
 HORIZON = 5
-MODELS = ("ensemble", "gp", "mujoco", "analytic")
+MODELS = ("ensemble", "gp", "mujoco", "analytic", "latent")
 PLANNERS = ("random", "cem", "icem", "mppi", "lqr", "ilqr", "nmpc", "mcts")
 README_START, README_END = "<!-- pairs:start -->", "<!-- pairs:end -->"
 
@@ -44,8 +46,9 @@ class Task:
     """A model with the reward, bounds, start and goal it is planned with."""
 
     problem: Callable[[int], PlanningProblem]  # seed -> a fresh problem
-    x0: torch.Tensor  # [X]
+    x0: torch.Tensor  # [X] (a frame [C, H, W] for the latent model)
     goal: np.ndarray  # [X] LQR's set point
+    latent: bool = False  # planned from a filter's belief
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ def task(name: str) -> Task:
 
         x0 = torch.tensor([0.0, 0.3, 0.0, 0.0], dtype=torch.float64)
         return Task(mujoco_problem, x0, np.zeros(4))
+    if name == "latent":
+        return _latent_task()
     system = SYSTEMS["pendulum"]()
     if name == "analytic":
         model, particles = SystemModel(system), 1
@@ -121,6 +126,30 @@ def task(name: str) -> Task:
     return Task(pendulum_problem, x0, np.asarray(system.goal, dtype=np.float64))
 
 
+def _latent_task() -> Task:
+    from mbrl.dynamics.rssm import RSSM
+    from mbrl.envs.pixels import PendulumRenderer, pixel_spec
+
+    spec = pixel_spec(
+        make("pendulum"), "pendulum-pixels-16", size=(16, 16), renderer=PendulumRenderer
+    )
+    model = RSSM(spec.obs_shape, spec.act_dim, deterministic=8, stochastic=3, hidden=8, depth=2,
+                 conv_layers=2, seed=0)  # fmt: skip
+    low, high = spec.action_bounds()
+    env = spec.make()
+    frame, _ = env.reset(seed=0)
+    env.close()
+
+    def latent_problem(seed: int) -> PlanningProblem:
+        gen = torch.Generator().manual_seed(seed)
+        model.generator.manual_seed(seed)  # the filter's posterior draws
+        return PlanningProblem(
+            model, spec.reward_fn, None, HORIZON, low, high, 1, gen, stage_cost=model.stage_cost()
+        )
+
+    return Task(latent_problem, torch.as_tensor(frame), np.zeros(2), latent=True)
+
+
 def planner(name: str, goal: np.ndarray):
     """The planner ``name`` of :data:`PLANNERS`, small settings."""
     if name == "random":
@@ -157,7 +186,12 @@ def run_pair(model: str, planner_name: str, seed: int = 0) -> PairResult:
     t = task(model)
     try:
         problem = t.problem(seed)
-        controller = MPCController(planner(planner_name, t.goal), problem)
+        chosen = planner(planner_name, t.goal)
+        if t.latent and isinstance(chosen, ILQR):
+            from mbrl.algorithms.planet import BeliefFeatures
+
+            chosen = BeliefFeatures(chosen)
+        controller = MPCController(chosen, problem)
         action = torch.as_tensor(controller.act(t.x0.numpy()))
     except (TypeError, ValueError) as err:
         return PairResult(model, planner_name, False, None, str(err))

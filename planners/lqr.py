@@ -387,6 +387,13 @@ class LQR:
         trajectory. ``warm`` is ignored. Status ``"ok"``, or ``"nonfinite"`` when the
         predicted rollout is not finite."""
         h, nu = problem.horizon, problem.act_dim
+        if not torch.is_tensor(x0):
+            raise TypeError(
+                f"x0: LQR plans from a state [X] about its set point, got a "
+                f"{type(x0).__name__}; a filter's belief (a latent image model) has no set "
+                "point to regulate to: plan it with ilqr (the learned reward as the stage "
+                "cost) or a sampling planner (random, cem, icem, mppi, mcts)"
+            )
         check_shape("x0", x0, (self.goal.shape[0],))
         K64 = self.gain(problem)
         objective = self._objective
