@@ -4,13 +4,13 @@ Models: the probabilistic ensemble and the Gaussian process (both fitted briefly
 transitions of the analytic pendulum), the MuJoCo ground truth of the ``cartpole-swingup`` task,
 the analytic pendulum's own model, and a small RSSM (PlaNet's latent model, untrained) planned
 from a 16 x 16 frame of pixel Pendulum through its filter's belief (iLQR on the belief's
-features with the learned reward as its cost, as ``mbrl run planet planner.name=ilqr``). Planners: random shooting, CEM, iCEM, MPPI, LQR, iLQR,
-casadi/IPOPT NMPC and MCTS (on the box: sampled actions, since these problems are not
-discrete). A pair either plans (one ``MPCController.act`` from a fixed start, the same
-action for the same seed, inside the bounds) or is refused with a message when it is built or
-asked to plan; this script prints the table, and ``--readme README.md`` rewrites the table in
-the README between its ``pairs`` markers. ``tests/test_pairs.py`` runs every pair and checks
-the README's table against what it observed.
+features with the learned reward as its cost, as ``mbrl run planet planner.name=ilqr``).
+Planners: random shooting, CEM, iCEM, MPPI, LQR, iLQR, casadi/IPOPT NMPC and MCTS (on the box:
+sampled actions, since these problems are not discrete). A pair either plans (one
+``MPCController.act`` from a fixed start, the same action for the same seed, inside the bounds)
+or is refused with a message when it is built or asked to plan; this script prints the table,
+and ``--readme README.md`` rewrites the table in the README between its ``pairs`` markers.
+``tests/test_pairs.py`` runs every pair and checks the README's table against what it observed.
 
     python experiments/pairs.py [--readme README.md]
 """
