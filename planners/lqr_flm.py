@@ -19,6 +19,10 @@ through its Lagrangian: for a dual variable ``eta > 0`` the backward pass minimi
 ``C / eta + [[K'PK, -K'P], [-PK, P]]``, ``c / eta + [K'Pk; -Pk]`` (``P = S_prev^-1``) whose
 solution is ``K_t, k_t`` from the Riccati recursion and ``S_t = Q_uu,t^-1`` (maximum entropy).
 ``eta`` is found by a bracketing search on the measured KL (:class:`LQRFLM`).
+
+BADMM guided policy search adds a penalty ``sum_t nu_t KL_t(p || pi)`` to a second controller
+(the global policy's linearization ``pi``) inside the same bound: :meth:`LQRFLM.update` with
+``policy`` and ``policy_weight``.
 """
 
 from __future__ import annotations
@@ -502,11 +506,25 @@ class _RecordingGain:
         return (K.numpy(), k.numpy()) if numpy else (K, k)
 
 
+def _kl_quadratic(ctrl: LinearGaussianController) -> tuple[torch.Tensor, torch.Tensor]:
+    """``-log ctrl(u | x)`` up to a constant as a quadratic in ``z = [x; u]``:
+    ``[[K'PK, -K'P], [-PK, P]]`` ``[..., T, Z, Z]`` and ``[K'Pk; -Pk]`` ``[..., T, Z]`` with
+    ``P = S^-1`` (the KL terms of the augmented cost)."""
+    P, K, k = ctrl.precision, ctrl.K, ctrl.k
+    PK = P @ K  # [..., T, U, X]
+    Pk = (P @ k[..., None])[..., 0]  # [..., T, U]
+    kl_C = torch.cat([torch.cat([K.mT @ PK, -PK.mT], -1), torch.cat([-PK, P], -1)], -2)
+    kl_c = torch.cat([(K.mT @ Pk[..., None])[..., 0], -Pk], -1)
+    return kl_C, kl_c
+
+
 def _backward(
     dyn: TVLGDynamics,
     cost: QuadraticCost,
     prev: LinearGaussianController | None,
     eta: torch.Tensor | None,
+    policy: LinearGaussianController | None = None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[LinearGaussianController | None, torch.Tensor, int]:
     """One LQR-FLM backward pass at dual variable ``eta [...]`` (``None``: the cost alone, no KL
     term; then ``prev`` is unused).
@@ -517,6 +535,15 @@ def _backward(
     :func:`~mbrl.planners.lqr.riccati_backward`; the new controller has the gains and
     covariance ``Q_uu^-1`` per step.
 
+    With a ``policy`` (the global policy's linearization, BADMM GPS) and its weights
+    ``weight [..., T] >= 0`` the objective gains ``sum_t weight_t KL_t(p || policy)``: the cost
+    becomes ``C / eta + KL(prev) + (weight / eta) KL(policy)`` (the same augmentation built from
+    the policy's ``K, k, S^-1``) and the covariance ``(1 + weight / eta) Q_uu^-1``, the
+    maximum-entropy solution at temperature ``eta + weight_t`` (Levine et al. 2016, sec. 4.1;
+    cbfinn/gps ``AlgorithmBADMM.compute_costs`` divides each step by ``eta + weight_t``
+    instead, which equals this only for weights constant in time). Weight 0 gives the plain
+    pass, number for number.
+
     Returns:
         ``(controller, failed [...], step)``: entries of ``failed`` had a non-positive-definite
         ``Q_uu`` (their controller entries are placeholders: ``K = 0``, ``k = 0``, identity
@@ -526,17 +553,20 @@ def _backward(
     nx, nu = dyn.x_dim, dyn.u_dim
     nz, h = nx + nu, dyn.horizon
     C, c, Cf, cf = cost.C, cost.c, cost.C_final, cost.c_final
+    scale = None
     if eta is not None:
         e = eta.to(_F64)
-        P, K, k = prev.precision, prev.K, prev.k
-        PK = P @ K  # [..., T, U, X]
-        Pk = (P @ k[..., None])[..., 0]  # [..., T, U]
-        kl_C = torch.cat([torch.cat([K.mT @ PK, -PK.mT], -1), torch.cat([-PK, P], -1)], -2)
-        kl_c = torch.cat([(K.mT @ Pk[..., None])[..., 0], -Pk], -1)
+        kl_C, kl_c = _kl_quadratic(prev)
         C = C / e[..., None, None, None] + kl_C
         c = c / e[..., None, None] + kl_c
         Cf = Cf / e[..., None, None]
         cf = cf / e[..., None]
+        if policy is not None:
+            r = weight.to(_F64) / e[..., None]  # [..., T]
+            pol_C, pol_c = _kl_quadratic(policy)
+            C = C + r[..., None, None] * pol_C
+            c = c + r[..., None] * pol_c
+            scale = 1 + r
     batch = tuple(torch.broadcast_shapes(dyn.batch_shape, C.shape[:-3], Cf.shape[:-2]))
     opts = {"dtype": _F64, "device": dyn.F.device}
     Fh = torch.zeros(*batch, h, nx + 1, nz + 1, **opts)  # [[F, f], [0, 1]]
@@ -554,6 +584,8 @@ def _backward(
     K = torch.where(ok[..., None], sol.K, 0.0)
     k = torch.where(ok, sol.k, 0.0)
     cov = torch.cholesky_inverse(gain.chol)
+    if scale is not None:
+        cov = scale[..., None, None] * cov
     eye = torch.eye(nu, **opts)
     cov = torch.where(ok[..., None], cov, eye)
     return LinearGaussianController(K, k, cov), gain.failed, gain.step
@@ -674,8 +706,12 @@ class LQRFLM:
         kl_target: float | torch.Tensor | None = None,
         step_mult: float | torch.Tensor = 1.0,
         eta: float | torch.Tensor = 1.0,
+        policy: LinearGaussianController | None = None,
+        policy_weight: float | torch.Tensor | None = None,
     ) -> LQRFLMResult:
-        """One LQR-FLM step from ``prev`` on the fitted ``dyn``.
+        """One LQR-FLM step from ``prev`` on the fitted ``dyn``; with a ``policy``, the BADMM
+        C-step ``min E[cost] + sum_t policy_weight_t KL_t(p || policy)`` under the same bound on
+        the KL to ``prev`` (Levine et al. 2016, sec. 4.1; :func:`_backward`).
 
         Args:
             dyn: the fitted model, ``[...]`` conditions.
@@ -691,6 +727,12 @@ class LQRFLM:
             step_mult: the adaptive multiplier (:func:`adapt_step`), float or ``[...]``.
             eta: where the dual search starts (the previous result's ``eta``), float or
                 ``[...]``.
+            policy: a second controller ``[...]`` to be near (the global policy's
+                linearization in BADMM GPS), penalised by its KL rather than bounded; ``None``
+                for none.
+            policy_weight: its weights ``nu_t >= 0``, a float or ``[..., T]`` (required
+                with ``policy``). ``expected_cost`` and ``previous_cost`` stay those of
+                ``cost`` alone.
 
         Returns:
             :class:`LQRFLMResult`.
@@ -706,6 +748,25 @@ class LQRFLM:
         x0_mean, x0_cov = torch.as_tensor(x0_mean).to(_F64), torch.as_tensor(x0_cov).to(_F64)
         if not (bool(torch.isfinite(x0_mean).all()) and bool(torch.isfinite(x0_cov).all())):
             raise ValueError("LQRFLM.update: x0_mean or x0_cov holds NaN/inf")
+        weight = None
+        if policy is not None:
+            _check_pair(dyn, policy, "LQRFLM.update (policy)")
+            if policy_weight is None:
+                raise ValueError("LQRFLM.update: a policy needs its policy_weight [..., T]")
+            weight = torch.as_tensor(policy_weight, dtype=_F64, device=dyn.F.device)
+            if weight.ndim == 0:
+                weight = weight.expand(dyn.horizon)
+            if weight.shape[-1] != dyn.horizon:
+                raise ShapeError(
+                    f"LQRFLM.update: policy_weight expected [..., T={dyn.horizon}], got "
+                    f"{list(weight.shape)}"
+                )
+            if not bool((torch.isfinite(weight) & (weight >= 0)).all()):
+                raise ValueError(
+                    f"LQRFLM.update: policy_weight must be finite and >= 0, got {weight}"
+                )
+        elif policy_weight is not None:
+            raise ValueError("LQRFLM.update: policy_weight given without a policy")
         prev_traj = trajectory_distribution(dyn, prev, x0_mean, x0_cov)
         quad = _as_quadratic(cost, dyn, prev_traj)
         batch = tuple(
@@ -741,7 +802,9 @@ class LQRFLM:
         T = dyn.horizon
         while bool(active.any()) and evaluations < self.max_evaluations:
             evaluations += 1
-            ctrl, eta_t, n_fixes, infeasible = self._feasible_backward(dyn, quad, prev, eta_t)
+            ctrl, eta_t, n_fixes, infeasible = self._feasible_backward(
+                dyn, quad, prev, eta_t, policy, weight
+            )
             fixes += n_fixes
             lo = torch.where(active, torch.maximum(lo, infeasible), lo)
             traj = trajectory_distribution(dyn, ctrl, x0_mean, x0_cov)
@@ -790,6 +853,8 @@ class LQRFLM:
         quad: QuadraticCost,
         prev: LinearGaussianController,
         eta: torch.Tensor,
+        policy: LinearGaussianController | None = None,
+        weight: torch.Tensor | None = None,
     ) -> tuple[LinearGaussianController, torch.Tensor, int, torch.Tensor]:
         """:func:`_backward` at ``eta [...]``, redone at ``eta0 + delta`` (``delta`` doubling from
         ``eta_increase``) for the entries whose ``Q_uu`` is indefinite. Returns the controller,
@@ -800,7 +865,7 @@ class LQRFLM:
         infeasible = torch.zeros_like(eta)
         fixes = 0
         while True:
-            ctrl, failed, step = _backward(dyn, quad, prev, eta)
+            ctrl, failed, step = _backward(dyn, quad, prev, eta, policy, weight)
             if not bool(failed.any()):
                 return ctrl, eta, fixes, infeasible
             fixes += int(failed.sum())

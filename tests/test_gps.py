@@ -13,12 +13,12 @@ from state_compare import assert_same
 
 from mbrl import cli, envs
 from mbrl.algorithms import gps, lqr_flm
-from mbrl.config import load_config
+from mbrl.config import ConfigError, load_config
 from mbrl.dynamics.tvlg import TVLGDynamics
 from mbrl.envs.systems import POINT_MASS_TARGET, point_mass
 from mbrl.learners.supervised import GaussianMLPPolicy
 from mbrl.planners.derivatives import autograd_cost_expansion
-from mbrl.planners.lqr_flm import LinearGaussianController
+from mbrl.planners.lqr_flm import LQRFLM, LinearGaussianController, QuadraticCost, _backward
 from mbrl.runs import Run
 
 torch.set_num_threads(1)
@@ -147,6 +147,7 @@ class _LinearPolicy:
 
     def fit(self, obs, target_mean, precision, weight=None, generator=None):
         self.fitted = obs, target_mean, precision
+        self.weight = weight
         return None
 
 
@@ -207,6 +208,147 @@ def test_next_state_reward_expansion_is_chained_through_the_fit():
     assert float(cost.terminal_expansion(x).hess.abs().max()) == 0.0
 
 
+# ---------------------------------------------------------------- BADMM
+
+
+F64 = torch.float64
+
+
+def _problem(m=2, h=3, nx=4, nu=2, seed=0):
+    """Random TVLG dynamics, a convex quadratic cost, a previous controller, a policy
+    linearization and an initial state, ``M`` conditions of ``T`` steps."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=F64)
+
+    eye_x, nz = torch.eye(nx, dtype=F64), nx + nu
+    F = torch.cat([eye_x + 0.1 * randn(m, h, nx, nx), 0.3 * randn(m, h, nx, nu)], -1)
+    dyn = TVLGDynamics(F, 0.1 * randn(m, h, nx), 0.01 * eye_x.expand(m, h, nx, nx))
+    A = randn(m, h, nz, nz)
+    C = A @ A.mT / nz + 0.1 * torch.eye(nz, dtype=F64)
+    cost = QuadraticCost(
+        C, randn(m, h, nz), torch.zeros(m, h, dtype=F64), eye_x.expand(m, nx, nx),
+        randn(m, nx), torch.zeros(m, dtype=F64),
+    )  # fmt: skip
+
+    def controller():
+        var = 0.5 + torch.rand(m, h, 1, 1, generator=g, dtype=F64)
+        eye_u = torch.eye(nu, dtype=F64)
+        return LinearGaussianController(0.3 * randn(m, h, nu, nx), randn(m, h, nu), var * eye_u)
+
+    return dyn, cost, controller(), controller(), randn(m, nx), 0.01 * eye_x.expand(m, nx, nx)
+
+
+def test_badmm_c_step_without_multipliers_or_policy_weight_is_the_lqr_flm_step():
+    dyn, cost, prev, lin, x0, x0_cov = _problem()
+    lqr = LQRFLM(kl_step=0.3)
+    plain = lqr.update(dyn, cost, prev, x0, x0_cov)
+    zero = gps.with_multipliers(cost, torch.zeros(2, 3, 2, dtype=F64))
+    badmm = lqr.update(dyn, zero, prev, x0, x0_cov, policy=lin, policy_weight=torch.zeros(2, 3))
+    for name in ("K", "k", "covariance"):
+        torch.testing.assert_close(
+            getattr(badmm.controller, name), getattr(plain.controller, name), rtol=0, atol=0
+        )
+    for name in ("eta", "kl", "expected_cost", "previous_cost"):
+        torch.testing.assert_close(getattr(badmm, name), getattr(plain, name), rtol=0, atol=0)
+    assert plain.status == badmm.status == "ok"
+    # a positive weight pulls the controller toward the policy: a smaller KL to it
+    pulled = lqr.update(dyn, cost, prev, x0, x0_cov, policy=lin, policy_weight=50.0)
+    kl = [gps.kl_divergence(c, lin, *gps.trajectory_distribution(dyn, c, x0, x0_cov))
+          for c in (plain.controller, pulled.controller)]  # fmt: skip
+    assert bool((kl[1] < 0.75 * kl[0]).all())
+
+
+def test_badmm_backward_pass_is_the_weighted_maximum_entropy_solution():
+    """One step, no terminal cost: p(u | x) minimises E[cost] + eta KL(p || prev) + w KL(p ||
+    pi), a Gaussian of precision (C_uu + eta P_prev + w P_pi) / (eta + w) whose mean minimises
+    cost + eta |u - mu_prev|^2_P_prev / 2 + w |u - mu_pi|^2_P_pi / 2."""
+    dyn, cost, prev, lin, _, _ = _problem(h=1, seed=3)
+    nx = 4
+    zero = torch.zeros_like(cost.c_final)
+    cost = QuadraticCost(cost.C, cost.c, cost.c0, 0 * cost.C_final, zero, cost.c0_final)
+    eta, w = torch.tensor([0.7, 2.0], dtype=F64), torch.tensor([[0.3], [5.0]], dtype=F64)
+    ctrl, failed, _ = _backward(dyn, cost, prev, eta, lin, w)
+    assert not bool(failed.any())
+    C, c = cost.C[:, 0], cost.c[:, 0]
+    P1, P2 = prev.precision[:, 0], lin.precision[:, 0]
+    e, v = eta[:, None, None], w[:, :, None]
+    H = C[:, nx:, nx:] + e * P1 + v * P2
+    K = -torch.linalg.solve(H, C[:, nx:, :nx] - e * P1 @ prev.K[:, 0] - v * P2 @ lin.K[:, 0])
+    b = c[:, nx:, None] - e * P1 @ prev.k[:, 0, :, None] - v * P2 @ lin.k[:, 0, :, None]
+    torch.testing.assert_close(ctrl.K[:, 0], K)
+    torch.testing.assert_close(ctrl.k[:, 0], -torch.linalg.solve(H, b)[..., 0])
+    torch.testing.assert_close(ctrl.covariance[:, 0], (e + v) * torch.linalg.inv(H))
+
+
+def test_badmm_supervised_targets_and_policy_kl():
+    samples, policy = _samples(), _LinearPolicy()
+    lin = gps.policy_linearization(policy, samples)
+    # the policy against itself: KL 0; against a shifted mean d: d' Sigma_pi^-1 d / 2
+    torch.testing.assert_close(
+        gps.policy_kl(policy, lin, samples), torch.zeros(2, 4, dtype=F64), rtol=0, atol=1e-6
+    )
+    d = torch.tensor([0.5, -1.0], dtype=F64)
+    shifted = LinearGaussianController(lin.K, lin.k + d, lin.covariance)
+    want = 0.5 * d @ torch.linalg.solve(policy.covariance.double(), d)
+    torch.testing.assert_close(gps.policy_kl(policy, shifted, samples), want.expand(2, 4))
+    # S-step targets K x + k - S lambda / nu, each row weighted nu
+    g = torch.Generator().manual_seed(2)
+    lam = torch.randn(2, 4, 2, generator=g, dtype=F64)
+    nu = 0.5 + torch.rand(2, 4, generator=g, dtype=F64)
+    gps.supervised_step(policy, shifted, samples, None, lam, nu)
+    obs, target, precision = policy.fitted
+    m, i, t = 1, 2, 3
+    row = (m * 3 + i) * 4 + t
+    x = samples.obs[m, i, t].double()
+    want = shifted.K[m, t] @ x + shifted.k[m, t] - shifted.covariance[m, t] @ lam[m, t] / nu[m, t]
+    torch.testing.assert_close(target[row], want.float())
+    assert float(policy.weight[row]) == pytest.approx(float(nu[m, t]))
+    with pytest.raises(ValueError, match="multipliers and their weights together"):
+        gps.supervised_step(policy, shifted, samples, None, lam, None)
+
+
+def test_badmm_settings_and_sampling():
+    assert load_config(gps.Config, None, []).samples_from == "policy"
+    assert load_config(gps.Config, None, ["method=badmm"]).samples_from == "local"
+    over = ["method=badmm", "sample_from=policy"]
+    assert load_config(gps.Config, None, over).samples_from == "policy"
+    assert gps.weight_step_at(10.0, None, 3, 5) == 10.0
+    assert gps.weight_step_at(1e-2, 1e-4, 0, 5) == pytest.approx(1e-2)
+    assert gps.weight_step_at(1e-2, 1e-4, 2, 5) == pytest.approx(1e-3)
+    assert gps.weight_step_at(1e-2, 1e-4, 4, 5) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (["method=admm"], "mdgps.*badmm"),
+        (["badmm.dual_rate=0"], r"badmm\.dual_rate must be > 0"),
+        (["badmm.init_policy_weight=-1"], r"badmm\.init_policy_weight must be > 0"),
+        (["badmm.weight_step=-0.5"], r"badmm\.weight_step must be >= 0"),
+        (["badmm.inner_iterations=0"], r"badmm\.inner_iterations must be an integer >= 1"),
+        (["badmm.weight_step=0", "badmm.weight_step_final=1e-3"], "needs badmm.weight_step > 0"),
+    ],
+)
+def test_bad_badmm_settings_are_refused(over, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(gps.Config, None, over)
+
+
+def test_bad_policy_terms_of_the_c_step_are_refused():
+    dyn, cost, prev, lin, x0, x0_cov = _problem()
+    lqr = LQRFLM()
+    with pytest.raises(ValueError, match="needs its policy_weight"):
+        lqr.update(dyn, cost, prev, x0, x0_cov, policy=lin)
+    with pytest.raises(ValueError, match="without a policy"):
+        lqr.update(dyn, cost, prev, x0, x0_cov, policy_weight=1.0)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        lqr.update(dyn, cost, prev, x0, x0_cov, policy=lin, policy_weight=-1.0)
+    with pytest.raises(ValueError, match=r"policy_weight expected \[\.\.\., T=3\]"):
+        lqr.update(dyn, cost, prev, x0, x0_cov, policy=lin, policy_weight=torch.ones(2, 5))
+
+
 # ---------------------------------------------------------------- learning
 
 
@@ -239,6 +381,27 @@ def test_gps_policy_alone_keeps_the_local_controllers_return(tmp_path):
     assert float(last["eval_terminal_cost"]) < 0.05 * float(first["eval_terminal_cost"])
 
 
+def test_badmm_drives_the_policy_onto_the_local_controllers(tmp_path):
+    """The point mass (linear dynamics, quadratic cost), BADMM sampling the local controllers:
+    the gap between the policy's and the controllers' mean actions at the samples falls to
+    under half its largest value (to under 0.5 N, actions reach 40 N), falling over the last
+    three iterations, while the multipliers grow from zero and the policy alone keeps the local
+    controllers' cost within 5%."""
+    over = ["method=badmm", "conditions=2", "iterations=5", "horizon=50", "held_out=0",
+            "policy.iterations=200", "badmm.inner_iterations=2"]  # fmt: skip
+    _train(gps, load_config(gps.Config, None, over), tmp_path / "b")
+    rows = _rows(tmp_path / "b")
+    gap = [float(r["badmm_violation"]) for r in rows]
+    assert gap[-1] < 0.5 * max(gap) and gap[-1] < 0.5
+    assert gap[-3] > gap[-2] > gap[-1]
+    assert 0 < float(rows[0]["badmm_multiplier_norm"]) < float(rows[-1]["badmm_multiplier_norm"])
+    assert float(rows[-1]["badmm_policy_weight"]) > 0.01  # nu grew from init_policy_weight
+    policy, local = float(rows[-1]["return"]), float(rows[-1]["local_return"])
+    assert policy >= 1.05 * local  # returns are negative costs
+    costs = [float(r["cost"]) for r in rows]
+    assert costs == sorted(costs, reverse=True)
+
+
 # ---------------------------------------------------------------- runs
 
 
@@ -246,10 +409,11 @@ TINY = ["conditions=2", "samples=3", "horizon=20", "iterations=3", "held_out=1",
         "policy.iterations=30", "policy.hidden_size=16"]  # fmt: skip
 
 
-@pytest.mark.parametrize("algo", ["gps", "lqr-flm"])
+@pytest.mark.parametrize("algo", ["gps", "gps-badmm", "lqr-flm"])
 def test_run_resumes_to_the_same_numbers(tmp_path, monkeypatch, algo):
-    tiny = TINY if algo == "gps" else TINY[:4]
-    args = ["run", algo, "--env", "point-mass-spread", "--runs-dir", str(tmp_path), *tiny]
+    tiny = {"gps": TINY, "gps-badmm": [*TINY, "method=badmm"], "lqr-flm": TINY[:4]}[algo]
+    args = ["run", algo.removesuffix("-badmm"), "--env", "point-mass-spread"]
+    args += ["--runs-dir", str(tmp_path), *tiny]
     assert cli.main([*args, "--name", "full"]) == 0
     full = tmp_path / "full"
     assert [r["iteration"] for r in _rows(full)] == ["1", "2", "3"]
@@ -278,6 +442,10 @@ def test_run_resumes_to_the_same_numbers(tmp_path, monkeypatch, algo):
         return s
 
     assert_same(state(killed), state(full))
+    if algo == "gps-badmm":  # the multipliers moved and are in the checkpoint
+        duals = state(full)["parts"]["badmm"]
+        assert float(duals["lam"].abs().max()) > 0 and duals["weight"].shape == (2, 20)
+        assert "badmm_violation" in _rows(full)[0]
     # a finished run goes on with a larger budget
     assert cli.main(["run", "--continue", str(full), "iterations=4"]) == 0
     assert [r["iteration"] for r in _rows(full)] == ["1", "2", "3", "4"]
