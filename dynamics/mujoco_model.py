@@ -357,26 +357,16 @@ class MujocoModel:
     ) -> RolloutState:
         """Advance every row one control step under ``act [B * P, U]`` (one native rollout);
         ``state.obs [B * P, X]`` and, when set, ``state.hidden [B * P, nstate]``."""
-        check_rows(state.obs, act, self.obs_dim, self.act_dim, "state.obs")
-        if state.hidden is not None:
-            check_shape("state.hidden", state.hidden, (state.obs.shape[0], self.nstate))
-        if state.hidden is None:
-            full = self._states(state.obs.detach().cpu().double().numpy())
-        else:
-            full = state.hidden.numpy()
-        u = act.detach().cpu().double().numpy()[:, None]  # [B * P, 1, U]
-        nxt = self._simulate(full, u)[:, 0]  # [B * P, nstate]
-        obs = torch.as_tensor(self._obs(nxt), dtype=state.obs.dtype, device=state.obs.device)
-        return RolloutState(obs=obs, hidden=torch.from_numpy(nxt))
+        return self.rollout_held(state, act, 1)[1]
 
     def rollout_held(
         self, state: RolloutState, act: torch.Tensor, repeat: int
     ) -> tuple[torch.Tensor, RolloutState]:
         """``repeat`` control steps with ``act [B * P, U]`` held, in one native rollout: the
-        observations after each ``[repeat, B * P, X]`` and the state after the last, at the cost of
-        one call of :meth:`rollout_step`. Equal to ``repeat`` calls of it (the full simulator
-        state is carried either way) up to the contact solver's warm start, which a single call
-        does not carry over (about 1e-14 on walker; bit for bit without contacts)."""
+        observations after each ``[repeat, B * P, X]`` and the state after the last
+        (:meth:`rollout_step` is ``repeat = 1``). Equal to ``repeat`` single steps (the full
+        simulator state is carried either way) up to the contact solver's warm start, which a
+        new rollout does not carry over (about 1e-14 on walker; bit for bit without contacts)."""
         check_rows(state.obs, act, self.obs_dim, self.act_dim, "state.obs")
         if state.hidden is None:
             full = self._states(state.obs.detach().cpu().double().numpy())
