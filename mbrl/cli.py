@@ -15,7 +15,7 @@ mbrl run ALGO --env NAME [key=value ...]    train, writing runs/<name>/ (runs/AL
 mbrl run ALGO --help                        every config key of ALGO, its default and meaning
 mbrl run --continue runs/<name> trials=N    extend a finished run (trials, total_steps)
 mbrl resume runs/<name> [--from checkpoint-<n>.pt]  continue a killed run from a checkpoint
-mbrl eval runs/<name> [--checkpoint best] [--episodes N] [--video out.gif]
+mbrl eval runs/<name> [--checkpoint best] [--episodes N] [--starts S] [--video out.gif]
                                             play the trained agent, print its mean return
 mbrl plot runs/<name> ... --out curves.png [--threshold R]
                                             learning curves: mean and band per algorithm
@@ -647,8 +647,21 @@ def _add_run_options(run_p: argparse.ArgumentParser) -> None:
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     eval_p = sub.add_parser("eval", help="play a trained run's agent, print its mean return")
     eval_p.add_argument("path", help="the run folder, runs/<name>")
-    eval_p.add_argument("--episodes", type=int, default=5, help="episodes to play (default 5)")
-    eval_p.add_argument("--seed", type=int, default=0, help="episode i resets with seed + i")
+    eval_p.add_argument(
+        "--episodes",
+        type=int,
+        help="episodes to play (default 5; the run's conditions with --starts conditions)",
+    )
+    eval_p.add_argument(
+        "--seed", type=int, default=0, help="episode i resets with seed + i (--starts resets)"
+    )
+    eval_p.add_argument(
+        "--starts",
+        choices=("resets", "conditions", "held-out"),
+        help="start states: env resets with seed + i (the default, and the only choice, but "
+        "for gps and lqr-flm runs), the run's training conditions (the default of lqr-flm "
+        "runs), or the conditions after them (the default of gps runs)",
+    )
     eval_p.add_argument("--video", help="write the first episode to this .gif or .mp4 file")
     eval_p.add_argument(
         "--checkpoint",
@@ -751,6 +764,7 @@ def _eval(args: argparse.Namespace) -> int:
         video=args.video,
         device=args.device,
         checkpoint=args.checkpoint,
+        starts=args.starts,
     )
     print(result.text())
     return 0

@@ -11,12 +11,25 @@ kept numbered checkpoints. The agent is
 - MPC runs (PETS, GP-MPC): the fitted model of the checkpoint, planned on by the run's
   planner in one MPC controller, as in the run's trials;
 - Dyna and model-free runs (SAC, TD3, DDPG, NAF, MBPO, MVE, MBA): the learner's deterministic
-  policy, as in the run's evaluations.
+  policy, as in the run's evaluations;
+- GPS runs: the global policy alone (its mean action, no local controller), as in the run's
+  ``return`` and ``held_out_return`` columns;
+- LQR-FLM runs: the noise-free local controller of each start condition, as in the run's
+  ``return`` column.
 
-Episode ``i`` resets its env with seed ``seed + i``; the planner's generator is seeded with
-``seed``. The video records the first episode from the env's ``rgb_array`` rendering (MuJoCo
-envs need ``MUJOCO_GL=egl`` or ``osmesa`` without a display), written with imageio (the
-``video`` extra).
+Start states (``starts``). ``"resets"``: episode ``i`` resets its env with seed ``seed + i``
+(the default, and the only choice, of MPC, Dyna and model-free runs). GPS and LQR-FLM runs
+learn from ``M`` start conditions, the env reset with seed ``seed * 100003 + m`` of the run's
+``seed`` (:func:`~mbrl.algorithms.lqr_flm.condition_seed`), and play ``T`` steps (the run's
+``horizon``): ``"conditions"`` plays condition ``i mod M`` in episode ``i`` (the default of
+LQR-FLM runs, whose time-varying controllers belong to their condition and play only there;
+the episodes default to ``M``); ``"held-out"`` plays the conditions after the training ones,
+``M + i`` (the default of GPS runs: the first ``held_out`` of them are those of the run's
+``held_out_return``). The planner's generator is seeded with ``seed``.
+
+The video records the first episode from the env's ``rgb_array`` rendering (MuJoCo envs need
+``MUJOCO_GL=egl`` or ``osmesa`` without a display), written with imageio (the ``video``
+extra).
 """
 
 from __future__ import annotations
@@ -35,15 +48,18 @@ from mbrl import algorithms, envs
 from mbrl.algorithms.common import resolve_device
 from mbrl.algorithms.dyna import DynaConfig, LearnerPolicy
 from mbrl.algorithms.factory import make_ensemble, make_learner, make_planner
+from mbrl.algorithms.lqr_flm import ActFn, LocalConfig, condition_seed, controller_actions
 from mbrl.algorithms.mpc_loop import MPCRunConfig
 from mbrl.config import from_dict
 from mbrl.control import MPCController, Policy, run_episode
 from mbrl.dynamics.base import DynamicsModel
 from mbrl.extras import missing, require
 from mbrl.planners import PlanningProblem
+from mbrl.planners.lqr_flm import LinearGaussianController
 from mbrl.runs import BEST, LATEST, CheckpointError, load_checkpoint_file, numbered_checkpoints
 
 VIDEO_SUFFIXES = (".gif", ".mp4")
+STARTS = ("resets", "conditions", "held-out")
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,8 @@ class EvalResult:
     lengths: tuple[int, ...]  # [episodes] steps of each episode
     video: Path | None = None
     checkpoint: str = LATEST  # the file name of the checkpoint played
+    starts: str = "resets"  # resets, conditions or held-out (see the module docstring)
+    reset_seeds: tuple[int, ...] = ()  # [episodes] the env reset seed of each episode
 
     @property
     def mean(self) -> float:
@@ -68,9 +86,11 @@ class EvalResult:
 
     def text(self) -> str:
         rets = ", ".join(f"{r:.1f}" for r in self.returns)
+        where = {"conditions": " from the training conditions", "held-out": " from held-out starts"}
         lines = [
             f"{self.algo} on {self.env} ({self.run / self.checkpoint}): return {self.mean:.1f} "
-            f"+- {self.std:.1f} over {len(self.returns)} episodes [{rets}]"
+            f"+- {self.std:.1f} over {len(self.returns)} episodes{where.get(self.starts, '')} "
+            f"[{rets}]"
         ]
         if self.video is not None:
             lines.append(f"video: {self.video}")
@@ -174,7 +194,93 @@ def build_policy(loaded: LoadedRun, spec: envs.EnvSpec, device: torch.device, se
         learner = make_learner(cfg.learner, spec, device, cfg.seed, hidden)
         learner.load_state_dict(parts["learner"])
         return LearnerPolicy(learner, deterministic=True)
+    if loaded.algo == "gps":
+        return condition_policies(loaded, spec, device)[0]
+    if loaded.algo == "lqr-flm":
+        raise ValueError(
+            "an lqr-flm run's controllers are time-varying, one per start condition: take them "
+            "with condition_policies()"
+        )
     raise ValueError(f"mbrl eval does not know how to rebuild a {loaded.algo} run's agent")
+
+
+class StepPolicy:
+    """An env policy from a time-indexed action function ``act(x [1, X], t) -> u [1, U]`` (the
+    controllers and the global policy of GPS and LQR-FLM runs), counting the steps from
+    ``reset()`` and clipping the actions to the bounds as those runs' sampler does.
+
+    Raises:
+        ValueError: a step past ``horizon`` (the controller has no gains there), or a
+            NaN/inf action (:func:`~mbrl.algorithms.lqr_flm.act_checked`).
+    """
+
+    def __init__(
+        self, act: ActFn, spec: envs.EnvSpec, horizon: int, device: torch.device | str = "cpu"
+    ) -> None:
+        from mbrl.algorithms.lqr_flm import act_checked
+
+        self._act, self._checked, self.horizon = act, act_checked, horizon
+        self.dim, self.device = spec.act_dim, torch.device(device)
+        self.low = torch.as_tensor(spec.action_low, dtype=torch.float32)  # [U]
+        self.high = torch.as_tensor(spec.action_high, dtype=torch.float32)  # [U]
+        self.t = 0
+
+    def reset(self) -> None:
+        self.t = 0
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        if self.t >= self.horizon:
+            raise ValueError(
+                f"step {self.t}: the controller has gains for {self.horizon} steps only; play "
+                f"at most {self.horizon} steps"
+            )
+        x = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)[None]
+        u = self._checked(self._act, x, self.t, 1, self.dim)  # [1, U] float32 on the CPU
+        self.t += 1
+        return torch.minimum(torch.maximum(u[0], self.low), self.high).numpy()
+
+
+def local_horizon(cfg: LocalConfig, spec: envs.EnvSpec) -> int:
+    """``T``, the episode length of a GPS or LQR-FLM run."""
+    return cfg.horizon or spec.max_episode_steps
+
+
+def condition_policies(
+    loaded: LoadedRun, spec: envs.EnvSpec, device: torch.device | str = "cpu"
+) -> list[Policy]:
+    """The agent of a GPS or LQR-FLM run for each of its ``M`` conditions: the global policy's
+    mean (the same policy ``M`` times; it plays from any start) or the noise-free local
+    controller of the condition.
+
+    Raises:
+        CheckpointError: the checkpoint lacks the policy or the controllers.
+        ValueError: a run of another algorithm.
+    """
+    cfg, parts = loaded.cfg, loaded.parts
+    if loaded.algo not in ("gps", "lqr-flm"):
+        raise ValueError(f"{loaded.algo} runs have no start conditions")
+    horizon = local_horizon(cfg, spec)
+    need = "policy" if loaded.algo == "gps" else "local"
+    if need not in parts:
+        raise CheckpointError(f"{loaded.checkpoint} holds no {need} part to evaluate")
+    if loaded.algo == "gps":
+        from mbrl.algorithms.gps import make_policy, policy_actions
+
+        dev = torch.device(device)
+        policy = make_policy(cfg.policy, spec.obs_dim, spec.act_dim, cfg.init_variance, 0, dev)
+        policy.load_state_dict(parts["policy"])
+        act = policy_actions(policy, None, noise=False)
+        return [StepPolicy(act, spec, horizon, dev)] * cfg.conditions
+    from mbrl.algorithms.lqr_flm import initial_controllers
+
+    local = initial_controllers(cfg, spec, horizon)
+    local.load_state_dict(parts["local"])
+    c = local.controller  # [M]
+    ones = [
+        LinearGaussianController(*(t[m : m + 1] for t in (c.K, c.k, c.covariance)))
+        for m in range(cfg.conditions)
+    ]
+    return [StepPolicy(controller_actions(one, None, noise=False), spec, horizon) for one in ones]
 
 
 def _mpc_model(
@@ -193,39 +299,63 @@ def _mpc_model(
 
 def evaluate_run(
     path: str | Path,
-    episodes: int = 5,
+    episodes: int | None = None,
     seed: int = 0,
     video: str | Path | None = None,
     device: str = "cpu",
     checkpoint: str = "latest",
+    starts: str | None = None,
 ) -> EvalResult:
     """Play ``episodes`` episodes of the run's agent from its ``checkpoint`` (``"latest"``,
-    ``"best"`` or a kept ``checkpoint-<n>.pt``; see the module docstring).
+    ``"best"`` or a kept ``checkpoint-<n>.pt``) from ``starts`` (``"resets"``,
+    ``"conditions"`` or ``"held-out"``; ``None``: the algorithm's default). See the module
+    docstring. ``episodes`` defaults to the run's ``M`` conditions with ``starts="conditions"``
+    and to 5 otherwise.
 
     Raises:
-        ValueError: ``episodes < 1`` or a video file name that is not .gif or .mp4.
+        ValueError: ``episodes < 1``, a video file name that is not .gif or .mp4, or
+            ``starts`` the run's agent cannot play from.
         MissingExtraError: a video without imageio (or imageio-ffmpeg for .mp4) installed.
     """
-    if episodes < 1:
+    if episodes is not None and episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    if starts is not None and starts not in STARTS:
+        raise ValueError(f"--starts {starts!r}: give one of {', '.join(STARTS)}")
     writer = _video_writer(Path(video)) if video is not None else None
     dev = resolve_device(device)
     loaded = load_run(path, checkpoint)
     spec = envs.make(loaded.cfg.env)
-    policy = build_policy(loaded, spec, dev, seed)
+    starts = _starts(loaded, starts)
+    max_steps = None
+    if starts == "resets" and loaded.algo not in ("gps", "lqr-flm"):
+        policies = [build_policy(loaded, spec, dev, seed)]
+    else:
+        policies = condition_policies(loaded, spec, dev)
+        max_steps = local_horizon(loaded.cfg, spec)
+    m = len(policies)
+    if episodes is None:
+        episodes = m if starts == "conditions" else 5
+    if starts == "resets":
+        plays = [(policies[0], seed + i) for i in range(episodes)]
+    elif starts == "conditions":
+        plays = [(policies[i % m], condition_seed(loaded.cfg.seed, i % m)) for i in range(episodes)]
+    else:  # held-out: the conditions after the M training ones
+        plays = [(policies[0], condition_seed(loaded.cfg.seed, m + i)) for i in range(episodes)]
     frames: list[np.ndarray] = []
     fps = 30
     env_action = spec.env_action if spec.discrete else None
     returns, lengths = [], []
     with torch.inference_mode():
-        for i in range(episodes):
+        for i, (policy, reset_seed) in enumerate(plays):
             if writer is not None and i == 0:
                 env: gym.Env = _Frames(spec.make(render_mode="rgb_array"), frames, spec.name)
                 fps = int(env.metadata.get("render_fps") or fps)
             else:
                 env = spec.make()
             try:
-                ep = run_episode(env, policy, seed=seed + i, env_action=env_action)
+                ep = run_episode(
+                    env, policy, seed=reset_seed, max_steps=max_steps, env_action=env_action
+                )
             finally:
                 env.close()
             returns.append(ep.ret)
@@ -239,7 +369,28 @@ def evaluate_run(
         tuple(lengths),
         out,
         loaded.checkpoint.name,
+        starts,
+        tuple(s for _, s in plays),
     )
+
+
+def _starts(loaded: LoadedRun, starts: str | None) -> str:
+    """The start states of the evaluation: ``starts``, or the algorithm's default."""
+    default = {"gps": "held-out", "lqr-flm": "conditions"}.get(loaded.algo, "resets")
+    if starts is None or starts == default:
+        return default
+    if loaded.algo == "lqr-flm":
+        raise ValueError(
+            f"--starts {starts}: an lqr-flm run's controllers are time-varying, one per training "
+            f"start condition ({loaded.cfg.conditions} here), and play only from those; use "
+            "--starts conditions (the default)"
+        )
+    if loaded.algo != "gps":
+        raise ValueError(
+            f"--starts {starts}: {loaded.algo} runs have no start conditions (only gps and "
+            "lqr-flm runs do); leave --starts out and pick the resets with --seed"
+        )
+    return starts
 
 
 class _Frames(gym.Wrapper):

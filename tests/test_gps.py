@@ -451,6 +451,83 @@ def test_run_resumes_to_the_same_numbers(tmp_path, monkeypatch, algo):
     assert [r["iteration"] for r in _rows(full)] == ["1", "2", "3", "4"]
 
 
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory):
+    """A tiny finished gps and lqr-flm run on the spread point mass (two conditions)."""
+    runs = tmp_path_factory.mktemp("runs")
+    for algo, tiny in (("gps", TINY), ("lqr-flm", TINY[:4])):
+        argv = ["run", algo, "--env", "point-mass-spread", "--runs-dir", str(runs)]
+        assert cli.main([*argv, "--name", algo, *tiny]) == 0
+    return runs
+
+
+def test_eval_of_an_lqr_flm_run_plays_each_condition_with_its_controller(local_runs, capsys):
+    """The noise-free controllers, one per condition from that condition's reset, score what
+    the run's last iteration logged; every episode lasts the run's T = 20 steps."""
+    from mbrl.evaluate import evaluate_run
+
+    path = local_runs / "lqr-flm"
+    last = _rows(path)[-1]
+    result = evaluate_run(path)
+    assert result.starts == "conditions" and result.lengths == (20, 20)
+    assert result.reset_seeds == (lqr_flm.condition_seed(0, 0), lqr_flm.condition_seed(0, 1))
+    assert result.mean == pytest.approx(float(last["return"]), rel=1e-5)
+    assert result.returns[0] != pytest.approx(result.returns[1])  # two different starts
+    four = evaluate_run(path, episodes=4)  # conditions in turn
+    assert four.returns == result.returns * 2
+    assert cli.main(["eval", str(path)]) == 0
+    assert "over 2 episodes from the training conditions" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="time-varying, one per training start condition"):
+        evaluate_run(path, starts="resets")
+
+
+def test_eval_of_a_gps_run_plays_the_global_policy_alone(local_runs, capsys):
+    """The global policy's mean action scores the run's logged return on the training
+    conditions and its held-out return on the first held-out start (the default starts)."""
+    from mbrl.evaluate import StepPolicy, build_policy, evaluate_run, load_run
+
+    path = local_runs / "gps"
+    last = _rows(path)[-1]
+    trained = evaluate_run(path, starts="conditions")
+    assert trained.mean == pytest.approx(float(last["return"]), rel=1e-5)
+    held = evaluate_run(path, episodes=1)
+    assert held.starts == "held-out" and held.reset_seeds == (lqr_flm.condition_seed(0, 2),)
+    assert held.mean == pytest.approx(float(last["held_out_return"]), rel=1e-5)
+    resets = evaluate_run(path, episodes=2, seed=7, starts="resets")
+    assert resets.reset_seeds == (7, 8) and resets.lengths == (20, 20)
+    loaded = load_run(path)
+    assert isinstance(build_policy(loaded, envs.make(loaded.cfg.env), "cpu", 0), StepPolicy)
+    assert cli.main(["eval", str(path), "--episodes", "1"]) == 0
+    assert "over 1 episodes from held-out starts" in capsys.readouterr().out
+
+
+def test_step_policy_refuses_a_step_past_its_gains(local_runs):
+    from mbrl.evaluate import condition_policies, load_run
+
+    loaded = load_run(local_runs / "lqr-flm")
+    policy = condition_policies(loaded, envs.make(loaded.cfg.env))[0]
+    policy.reset()
+    obs = np.zeros(envs.make(loaded.cfg.env).obs_dim, dtype=np.float32)
+    for _ in range(20):
+        assert policy.act(obs).shape == (2,)
+    with pytest.raises(ValueError, match="has gains for 20 steps only"):
+        policy.act(obs)
+
+
+def test_eval_starts_other_than_resets_need_a_local_run(tmp_path, capsys):
+    from mbrl.evaluate import evaluate_run
+
+    argv = ["run", "sac", "--env", "pendulum", "--runs-dir", str(tmp_path), "--name", "s"]
+    tiny = ["total_steps=40", "epoch_length=20", "start_steps=20", "eval_episodes=1",
+            "learner.hidden_size=8", "learner.batch_size=8"]  # fmt: skip
+    assert cli.main([*argv, *tiny]) == 0
+    with pytest.raises(ValueError, match="sac runs have no start conditions"):
+        evaluate_run(tmp_path / "s", starts="conditions")
+    with pytest.raises(SystemExit):
+        cli.main(["eval", str(tmp_path / "s"), "--starts", "everywhere"])
+    assert "invalid choice: 'everywhere'" in capsys.readouterr().err
+
+
 def test_study_gps_compares_the_learners_with_the_planners(tmp_path, capsys):
     argv = ["study", "gps", "--system", "point-mass", "--initial-states", "1", "--held-out", "1",
             "--iterations", "1", "--samples", "3", "--steps", "10", "--horizon", "5",
