@@ -312,7 +312,17 @@ def _keep_options(keep: int, every: int) -> tuple[int, int]:
 def _resume(args: argparse.Namespace) -> int:
     path = Path(args.path)
     meta, module, cfg = _read_run(path)
-    device = args.device or meta.get("device", "cpu")
+    run, device = _reopen(path, meta, cfg, args.device, resume_from=args.resume_from)
+    return _train(module, cfg, run, device, meta["algo"])
+
+
+def _reopen(
+    path: Path, meta: dict, cfg: Any, device: str | None, **opening: Any
+) -> tuple[Run, str]:
+    """The run folder ``path`` opened again (resumed or continued) under the run settings its
+    ``run.yaml`` stored (kept checkpoints, keep-best), and the device to train on: ``--device``
+    if given, else the run's."""
+    device = device or meta.get("device", "cpu")
     resolve_device(device)
     keep, every = _keep_options(meta.get("keep_checkpoints", 2), meta.get("keep_every", 0))
     run = Run(
@@ -320,10 +330,10 @@ def _resume(args: argparse.Namespace) -> int:
         cfg,
         keep_checkpoints=keep,
         keep_every=every,
-        resume_from=args.resume_from,
         keep_best=meta.get("keep_best"),
+        **opening,
     )
-    return _train(module, cfg, run, device, meta["algo"])
+    return run, device
 
 
 def _continue(args: argparse.Namespace) -> int:
@@ -383,17 +393,7 @@ def _continue(args: argparse.Namespace) -> int:
     if args.show_config:  # the continued config only: nothing runs, the folder is untouched
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    device = args.device or meta.get("device", "cpu")
-    resolve_device(device)
-    keep, every = _keep_options(meta.get("keep_checkpoints", 2), meta.get("keep_every", 0))
-    run = Run(
-        path,
-        cfg,
-        keep_checkpoints=keep,
-        keep_every=every,
-        keep_best=meta.get("keep_best"),
-        extend_budget=budget,
-    )
+    run, device = _reopen(path, meta, cfg, args.device, extend_budget=budget)
     return _train(module, cfg, run, device, algo)
 
 
