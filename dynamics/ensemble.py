@@ -127,6 +127,10 @@ class ProbabilisticEnsemble(nn.Module):
             position the dynamics do not depend on; their change is still predicted. Their
             input std is held at ``inf``, so they normalize to 0 and the first layer gets
             nothing from them.
+        angle_obs: observation features that are angles: the network reads their sine and
+            cosine (extra inputs after the observation) instead of the raw angle, which is
+            ignored as ``ignored_obs`` are (PETS's cart-pole preprocessing); their change is
+            still predicted in radians.
         device: where parameters live (``None``: CPU).
         seed: seeds the model's own ``torch.Generator`` (CPU), used for the initial weights
             and, when :meth:`fit` is given no generator, the validation split, bootstraps and
@@ -156,6 +160,7 @@ class ProbabilisticEnsemble(nn.Module):
         device: torch.device | str | None = None,
         seed: int = 0,
         ignored_obs: Sequence[int] = (),
+        angle_obs: Sequence[int] = (),
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -201,8 +206,10 @@ class ProbabilisticEnsemble(nn.Module):
         self.bootstrap = bootstrap
         self.activation = activation
         self.weight_decay = tuple(decays)  # [num_layers + 1] per-layer decays, input layer first
-        self.in_dim = obs_dim + act_dim
         self.ignored_obs = feature_indices("ignored_obs", ignored_obs, obs_dim)
+        self.angle_obs = feature_indices("angle_obs", angle_obs, obs_dim)
+        self._angles = list(self.angle_obs)
+        self.in_dim = obs_dim + 2 * len(self.angle_obs) + act_dim  # [obs, sin, cos, act]
         self.out_dim = obs_dim + int(learns_reward)  # D
         self._act, self._act_inplace = _ACT_FNS[activation]
         self._reward_of: Callable[[torch.Tensor], torch.Tensor | None] = (
@@ -232,8 +239,8 @@ class ProbabilisticEnsemble(nn.Module):
         self.min_logvar = nn.Parameter(torch.full((ensemble_size, 1, d), -10.0, device=device))
 
         # Normalizer statistics (re-fitted by every fit) and elites travel in the state dict.
-        self.register_buffer("in_mu", torch.zeros(self.in_dim, device=device))  # [X + U]
-        self.register_buffer("in_std", torch.ones(self.in_dim, device=device))  # [X + U]
+        self.register_buffer("in_mu", torch.zeros(self.in_dim, device=device))  # [X + 2A + U]
+        self.register_buffer("in_std", torch.ones(self.in_dim, device=device))  # [X + 2A + U]
         self.register_buffer("out_mu", torch.zeros(d, device=device))  # [D]
         self.register_buffer("out_std", torch.ones(d, device=device))  # [D]
         self.register_buffer("elites", torch.arange(num_elites, device=device))  # [E_el] long
@@ -316,8 +323,16 @@ class ProbabilisticEnsemble(nn.Module):
         mean, logvar = out.split(self.out_dim, dim=-1)
         return mean, _bound_logvar(logvar, max_logvar, min_logvar)
 
+    def _inputs(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """The network's raw inputs ``[..., X + 2A + U]``: the observation, the sine and cosine
+        of its ``A`` angle features, the action."""
+        if not self._angles:
+            return torch.cat((obs, act), dim=-1)
+        ang = obs[..., self._angles]
+        return torch.cat((obs, ang.sin(), ang.cos(), act), dim=-1)
+
     def _normalize_inputs(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        return (torch.cat((obs, act), dim=-1) - self.in_mu) / self.in_std  # [B, X + U]
+        return (self._inputs(obs, act) - self.in_mu) / self.in_std  # [B, X + 2A + U]
 
     # ------------------------------------------------------------------ fitting
 
@@ -452,7 +467,7 @@ class ProbabilisticEnsemble(nn.Module):
         check_transitions(data, self.obs_dim, self.act_dim)
         dev = self.device
         obs = data.obs.to(dev, torch.float32)
-        inputs = torch.cat((obs, data.act.to(dev, torch.float32)), dim=-1)  # [B, X + U]
+        inputs = self._inputs(obs, data.act.to(dev, torch.float32))  # [B, X + 2A + U]
         delta = data.next_obs.to(dev, torch.float32) - obs  # [B, X]
         if self.learns_reward:
             delta = torch.cat((delta, data.reward.to(dev, torch.float32)[:, None]), dim=-1)
@@ -619,8 +634,13 @@ class ProbabilisticEnsemble(nn.Module):
         """
         pw = self._plan_cache
         inp, hidden, out = self._workspace(obs.shape[2], obs.device, pw.layers[0].dtype)
-        inp[:, : self.obs_dim].copy_(obs)
-        inp[:, self.obs_dim : -1].copy_(act)
+        x, a_n = self.obs_dim, len(self._angles)
+        inp[:, :x].copy_(obs)
+        if a_n:
+            ang = obs[:, self._angles]  # [E, A, M]
+            inp[:, x : x + a_n].copy_(ang.sin())
+            inp[:, x + a_n : x + 2 * a_n].copy_(ang.cos())
+        inp[:, x + 2 * a_n : -1].copy_(act)
         a = inp  # [E, in + 1, M]
         for i, w in enumerate(pw.layers[:-1]):
             self._act_inplace(torch.bmm(w, a, out=hidden[i % 2][:, :-1]))  # [E, hidden, M]
@@ -633,16 +653,16 @@ class ProbabilisticEnsemble(nn.Module):
     def _workspace(
         self, rows: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Input ``[E, X + U + 1, M]`` and two hidden ``[E, hidden + 1, M]`` buffers whose last
-        row is ones, and the output ``[E, 2 D, M]``, made once per row count ``M`` (and planning
-        weights)."""
+        """Input ``[E, X + 2A + U + 1, M]`` and two hidden ``[E, hidden + 1, M]`` buffers whose
+        last row is ones, and the output ``[E, 2 D, M]``, made once per row count ``M`` (and
+        planning weights)."""
         key = (rows, device, dtype)
         if key not in self._workspaces:
             if len(self._workspaces) >= 8:  # iCEM's shrinking populations: a few sizes at most
                 self._workspaces.clear()
             e, kw = self.num_elites, {"device": device, "dtype": dtype}
             self._workspaces[key] = (
-                torch.ones(e, self.obs_dim + self.act_dim + 1, rows, **kw),
+                torch.ones(e, self.in_dim + 1, rows, **kw),
                 tuple(torch.ones(e, self.hidden_size + 1, rows, **kw) for _ in range(2)),
                 torch.empty(e, 2 * self.out_dim, rows, **kw),
             )
@@ -718,8 +738,9 @@ class ProbabilisticEnsemble(nn.Module):
 
     @torch.no_grad()
     def _blind_ignored_inputs(self, *_) -> None:
-        """Hold the ignored inputs' std at inf, also over a state saved without them."""
-        self.in_std[list(self.ignored_obs)] = math.inf
+        """Hold the ignored inputs' (and raw angles') std at inf, also over a state saved
+        without them."""
+        self.in_std[sorted({*self.ignored_obs, *self.angle_obs})] = math.inf
 
     def get_extra_state(self) -> dict:
         """Optimizer and generator state, saved in :meth:`state_dict` so training resumes

@@ -121,6 +121,9 @@ class EnvSpec:
     absolute position kept in the observation only so that ``reward_fn`` can score progress
     (HalfCheetah's and Hopper's x). Learners and Dyna models may leave them out of their
     inputs, as the observations of the SAC and MBPO papers do."""
+    angle_obs: tuple[int, ...] = ()
+    """Observation features that are unbounded angles (cart-pole swing-up's pole angle, which
+    grows by 2 pi a turn): learned models may read their sine and cosine instead."""
     num_actions: int | None = None  # A for a discrete action space, None for a box
     action_values: np.ndarray | None = None
     """``[A, U]`` float32: the action vector of each index of a discrete env. ``None`` with

@@ -199,6 +199,7 @@ def _cartpole_swingup() -> EnvSpec:
         reward_fn=cartpole.cartpole_swingup_reward,
         termination_fn=never_terminates,
         description="MuJoCo cart-pole swing-up from hanging, 0.6 m pole, PETS tip reward.",
+        angle_obs=(1,),
         # CEM MPC on the true MuJoCo model (H 25, 200 candidates, 4 iterations) returns 179.4
         # (seed 0), upright after 22 steps; 170 leaves room for model error.
         solved_return=170.0,

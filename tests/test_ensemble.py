@@ -386,6 +386,36 @@ def test_ignored_obs_are_never_read_but_still_predicted():
         ProbabilisticEnsemble(3, 2, ignored_obs=(3,))
 
 
+def test_angle_obs_are_read_as_sine_and_cosine():
+    """An angle feature enters the network as its sine and cosine only: a turn of 2 pi moves
+    the predicted next observation by 2 pi in that feature and changes nothing else, in
+    ``predict`` and in rollouts, while the angle's change is still learned."""
+    data = _transitions(200, 3, 2)
+    m = ProbabilisticEnsemble(3, 2, ensemble_size=3, hidden_size=32, num_layers=2,
+                              max_epochs=5, learns_reward=True, propagation="expectation",
+                              angle_obs=(1,))  # fmt: skip
+    m.fit(data)
+    assert m.in_dim == 3 + 2 + 2 and m.weights[0].shape[1] == 7
+    assert math.isinf(m.in_std[1]) and math.isfinite(m.in_std[[0, 2, 3, 4, 5, 6]].sum())
+    turn = torch.tensor([0.0, 2 * math.pi, 0.0])
+    obs, act = data.obs[:16], data.act[:16]
+    p, q = m.predict(obs, act), m.predict(obs + turn, act)
+    torch.testing.assert_close(q.mean, p.mean + turn)
+    torch.testing.assert_close(q.var, p.var)
+    torch.testing.assert_close(q.reward_mean, p.reward_mean)
+    with torch.inference_mode():
+        s = m.rollout_step(m.rollout_start(obs, 1, None), act, None)
+        t = m.rollout_step(m.rollout_start(obs + turn, 1, None), act, None)
+    torch.testing.assert_close(t.obs, s.obs + turn, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s.obs, p.mean)  # the rollout kernel reads the same features
+    # a quarter turn is a different input
+    quarter = torch.tensor([0.0, math.pi / 2, 0.0])
+    assert (m.predict(obs + quarter, act).mean - quarter - p.mean).abs().max() > 1e-4
+    assert m.predict(obs, act).mean[:, 1].sub(obs[:, 1]).abs().max() > 0
+    with pytest.raises(ValueError, match="angle_obs"):
+        ProbabilisticEnsemble(3, 2, angle_obs=(5,))
+
+
 def test_fit_takes_a_generator_with_the_seam_signature():
     """``fit(data, generator=None)``: no generator uses the model's own (same numbers as a copy
     of it passed in); an explicit generator decides the split, bootstraps and shuffles."""

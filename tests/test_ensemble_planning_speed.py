@@ -41,6 +41,7 @@ def _fitted_once(learns_reward: bool) -> ProbabilisticEnsemble:
         learns_reward=learns_reward,
         max_epochs=2,
         ignored_obs=(0,),
+        angle_obs=(1,),
         seed=0,
     )
     m.fit(Transitions(obs, act, nxt, reward, torch.zeros(n, dtype=torch.bool)))

@@ -190,6 +190,20 @@ def test_pets_model_leaves_out_the_position_features(env, ignore, blind):
     assert model.ignored_obs == ((0,) if blind else ())
 
 
+@pytest.mark.parametrize("features", [True, False])
+def test_pets_model_reads_the_swingup_pole_angle_as_sine_and_cosine(features):
+    from mbrl import envs
+    from mbrl.algorithms import pets
+    from mbrl.algorithms.factory import make_ensemble
+
+    cfg = pets.Config(env="cartpole-swingup")
+    cfg.model.angle_features = features
+    spec = envs.make("cartpole-swingup")
+    model = make_ensemble(cfg.model, spec, torch.device("cpu"), cfg.seed, ())
+    assert model.angle_obs == ((1,) if features else ())
+    assert model.in_dim == (7 if features else 5)
+
+
 PLANNERS = [("random", "RandomShooting"), ("cem", "CEM"), ("icem", "CEM"), ("mppi", "MPPI"),
             ("ilqr", "ILQR")]  # fmt: skip
 

@@ -81,6 +81,10 @@ class EnsembleConfig:
     """Dtype of the MLP during rollouts; ``auto`` is bfloat16 where matmuls run natively in it
     (CPUs with AVX512-BF16 or AMX, GPUs that support it) and float32 elsewhere, printed at the
     start of the run. Fits are float32 always."""
+    angle_features: bool = True
+    """Feed the network the sine and cosine of the env's angle features
+    (``EnvSpec.angle_obs``: cart-pole swing-up's pole angle) instead of the raw angle, as PETS's
+    cart-pole does; their change is still predicted. No effect on envs without them."""
     train_every: Annotated[int, Range(1, fix="refit the model every n >= 1 env steps")] = 250
     """Dyna runs: refit the model every this many env steps (MPC runs refit once per trial)."""
 
@@ -261,7 +265,8 @@ def make_ensemble(
     ignored_obs: Sequence[int] = (),
 ) -> ProbabilisticEnsemble:
     """The ensemble ``cfg`` describes for the env ``spec``, seeded ``seed`` and blind to the
-    observation features ``ignored_obs``."""
+    observation features ``ignored_obs``; it reads the env's angle features as sine and cosine
+    when ``cfg.angle_features``."""
     return ProbabilisticEnsemble(
         spec.obs_dim,
         spec.act_dim,
@@ -281,6 +286,7 @@ def make_ensemble(
         device=device,
         seed=seed,
         ignored_obs=tuple(ignored_obs),
+        angle_obs=spec.angle_obs if cfg.angle_features else (),
     )
 
 
