@@ -10,6 +10,10 @@ kept numbered checkpoints. The agent is
 
 - MPC runs (PETS, GP-MPC): the fitted model of the checkpoint, planned on by the run's
   planner in one MPC controller, as in the run's trials;
+- latent image model runs (PlaNet, latent MPC): the fitted latent model, filtering each frame
+  and planned on in its latent space by the run's planner, without the exploration noise of
+  the run's trials;
+- MCTS-MPC runs: the run's planner on the env's known model (nothing was learned);
 - Dyna and model-free runs (SAC, TD3, DDPG, NAF, MBPO, MVE, MBA): the learner's deterministic
   policy, as in the run's evaluations;
 - GPS runs: the global policy alone (its mean action, no local controller), as in the run's
@@ -49,7 +53,8 @@ from mbrl.algorithms.common import resolve_device
 from mbrl.algorithms.dyna import DynaConfig, LearnerPolicy
 from mbrl.algorithms.factory import make_ensemble, make_learner, make_planner
 from mbrl.algorithms.lqr_flm import ActFn, LocalConfig, condition_seed, controller_actions
-from mbrl.algorithms.mpc_loop import MPCRunConfig
+from mbrl.algorithms.mpc_loop import MPCRunConfig, planning_problem
+from mbrl.algorithms.planet import LatentRunConfig, latent_problem
 from mbrl.config import from_dict
 from mbrl.control import MPCController, Policy, run_episode
 from mbrl.dynamics.base import DynamicsModel
@@ -172,6 +177,13 @@ def build_policy(loaded: LoadedRun, spec: envs.EnvSpec, device: torch.device, se
         ValueError: an algorithm this module does not know how to rebuild.
     """
     cfg, parts = loaded.cfg, loaded.parts
+    if loaded.algo == "mcts-mpc":
+        from mbrl.algorithms.mcts_mpc import known_model
+
+        model, value_fn = known_model(cfg.env)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        problem = planning_problem(spec, model, cfg.horizon, cfg.particles, gen, device, value_fn)
+        return MPCController(make_planner(cfg.planner), problem, cfg.replan_every, device)
     if isinstance(cfg, MPCRunConfig):
         if "model" not in parts:
             raise CheckpointError(
@@ -179,9 +191,14 @@ def build_policy(loaded: LoadedRun, spec: envs.EnvSpec, device: torch.device, se
                 f"trial ended); continue the run with `mbrl resume {loaded.path}` first, or "
                 "evaluate a later checkpoint"
             )
+        gen = torch.Generator(device=device).manual_seed(seed)
+        if isinstance(cfg, LatentRunConfig):
+            latent = algorithms.get(loaded.algo).make_model(cfg, torch.device(device))[0]
+            latent.load_state_dict(parts["model"])
+            planner, problem = latent_problem(latent, spec, cfg, gen, torch.device(device))
+            return MPCController(planner, problem, cfg.replan_every, device)
         model = _mpc_model(loaded.algo, cfg, spec, device)
         model.load_state_dict(parts["model"])
-        gen = torch.Generator(device=device).manual_seed(seed)
         low, high = spec.action_bounds(device)
         problem = PlanningProblem(
             model, spec.reward_fn, spec.termination_fn, cfg.horizon, low, high, cfg.particles, gen
@@ -324,7 +341,7 @@ def evaluate_run(
     writer = _video_writer(Path(video)) if video is not None else None
     dev = resolve_device(device)
     loaded = load_run(path, checkpoint)
-    spec = envs.make(loaded.cfg.env)
+    spec = _played_spec(loaded)
     starts = _starts(loaded, starts)
     max_steps = None
     if starts == "resets" and loaded.algo not in ("gps", "lqr-flm"):
@@ -372,6 +389,15 @@ def evaluate_run(
         starts,
         tuple(s for _, s in plays),
     )
+
+
+def _played_spec(loaded: LoadedRun) -> envs.EnvSpec:
+    """The env as the run played it (MCTS-MPC on a discretized box env plays the grid)."""
+    if loaded.algo == "mcts-mpc":
+        from mbrl.algorithms.mcts_mpc import planning_spec
+
+        return planning_spec(loaded.cfg)
+    return envs.make(loaded.cfg.env)
 
 
 def _starts(loaded: LoadedRun, starts: str | None) -> str:

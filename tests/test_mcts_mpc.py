@@ -95,6 +95,21 @@ def test_mcts_mpc_plans_a_box_env_on_its_action_grid(tmp_path):
     assert int(row["length"]) == envs.make("double-integrator").max_episode_steps
 
 
+def test_eval_of_an_mcts_mpc_run_replays_its_trial(tmp_path):
+    """``mbrl eval`` plans on the known model with the run's planner: from trial 1's reset
+    seed and the run's planning seed it plays trial 1 again, on the action grid."""
+    from mbrl.evaluate import evaluate_run
+
+    args = ["run", "mcts-mpc", "--env", "double-integrator", "--runs-dir", str(tmp_path),
+            "trials=1", "planner.simulations=4", "horizon=4", "action_grid=3",
+            "--name", "di"]  # fmt: skip
+    assert cli.main(args) == 0
+    (row,) = _rows(tmp_path / "di")
+    result = evaluate_run(tmp_path / "di", episodes=1, seed=0)  # episode_seed(0, 0) == 0
+    assert result.algo == "mcts-mpc" and result.lengths == (int(row["length"]),)
+    assert result.mean == pytest.approx(float(row["return"]), rel=1e-6)
+
+
 def test_planner_name_mcts_builds_from_config():
     cfg = load_config(
         get("pets").Config,

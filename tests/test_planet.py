@@ -110,6 +110,22 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(full, tmp_path, place, at
     assert_same(_state(tmp_path / "killed"), _state(full / "full"))
 
 
+def test_eval_plans_in_the_latent_space_of_the_checkpoint(full):
+    """``mbrl eval`` rebuilds the RSSM of the checkpoint and plans on it from the frames, with
+    no exploration noise: full 50-step episodes, the same returns for the same seed."""
+    from mbrl.control import MPCController
+    from mbrl.evaluate import build_policy, evaluate_run, load_run
+
+    path = full / "full"
+    result = evaluate_run(path, episodes=2, seed=3)
+    assert result.algo == "planet" and result.lengths == (50, 50)
+    assert all(np.isfinite(result.returns))
+    assert evaluate_run(path, episodes=2, seed=3).returns == result.returns
+    loaded = load_run(path)
+    policy = build_policy(loaded, envs.make(ENV), torch.device("cpu"), 0)
+    assert isinstance(policy, MPCController) and policy.exploration_std == 0
+
+
 @pytest.mark.parametrize(
     "model, planner",
     [("single_step", "cem"), ("single_step", "icem"), ("single_step", "ilqr"),
