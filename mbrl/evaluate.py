@@ -52,7 +52,14 @@ from mbrl import algorithms, envs
 from mbrl.algorithms.common import resolve_device
 from mbrl.algorithms.dyna import DynaConfig, LearnerPolicy
 from mbrl.algorithms.factory import make_ensemble, make_learner, make_planner
-from mbrl.algorithms.lqr_flm import ActFn, LocalConfig, condition_seed, controller_actions
+from mbrl.algorithms.gps import make_policy, policy_actions
+from mbrl.algorithms.lqr_flm import (
+    ActFn,
+    LocalConfig,
+    act_checked,
+    condition_seed,
+    initial_controllers,
+)
 from mbrl.algorithms.mpc_loop import MPCRunConfig, planning_problem
 from mbrl.algorithms.planet import LatentRunConfig, latent_problem
 from mbrl.config import from_dict
@@ -60,11 +67,11 @@ from mbrl.control import MPCController, Policy, run_episode
 from mbrl.dynamics.base import DynamicsModel
 from mbrl.extras import missing, require
 from mbrl.planners import PlanningProblem
-from mbrl.planners.lqr_flm import LinearGaussianController
 from mbrl.runs import BEST, LATEST, CheckpointError, load_checkpoint_file, numbered_checkpoints
 
 VIDEO_SUFFIXES = (".gif", ".mp4")
 STARTS = ("resets", "conditions", "held-out")
+LOCAL_ALGOS = ("gps", "lqr-flm")  # runs that learn from start conditions
 
 
 @dataclass(frozen=True)
@@ -234,9 +241,7 @@ class StepPolicy:
     def __init__(
         self, act: ActFn, spec: envs.EnvSpec, horizon: int, device: torch.device | str = "cpu"
     ) -> None:
-        from mbrl.algorithms.lqr_flm import act_checked
-
-        self._act, self._checked, self.horizon = act, act_checked, horizon
+        self._act, self.horizon = act, horizon
         self.dim, self.device = spec.act_dim, torch.device(device)
         self.low = torch.as_tensor(spec.action_low, dtype=torch.float32)  # [U]
         self.high = torch.as_tensor(spec.action_high, dtype=torch.float32)  # [U]
@@ -252,7 +257,7 @@ class StepPolicy:
                 f"at most {self.horizon} steps"
             )
         x = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)[None]
-        u = self._checked(self._act, x, self.t, 1, self.dim)  # [1, U] float32 on the CPU
+        u = act_checked(self._act, x, self.t, 1, self.dim)  # [1, U] float32 on the CPU
         self.t += 1
         return torch.minimum(torch.maximum(u[0], self.low), self.high).numpy()
 
@@ -274,30 +279,22 @@ def condition_policies(
         ValueError: a run of another algorithm.
     """
     cfg, parts = loaded.cfg, loaded.parts
-    if loaded.algo not in ("gps", "lqr-flm"):
+    if loaded.algo not in LOCAL_ALGOS:
         raise ValueError(f"{loaded.algo} runs have no start conditions")
     horizon = local_horizon(cfg, spec)
     need = "policy" if loaded.algo == "gps" else "local"
     if need not in parts:
         raise CheckpointError(f"{loaded.checkpoint} holds no {need} part to evaluate")
     if loaded.algo == "gps":
-        from mbrl.algorithms.gps import make_policy, policy_actions
-
         dev = torch.device(device)
         policy = make_policy(cfg.policy, spec.obs_dim, spec.act_dim, cfg.init_variance, 0, dev)
         policy.load_state_dict(parts["policy"])
         act = policy_actions(policy, None, noise=False)
         return [StepPolicy(act, spec, horizon, dev)] * cfg.conditions
-    from mbrl.algorithms.lqr_flm import initial_controllers
-
     local = initial_controllers(cfg, spec, horizon)
     local.load_state_dict(parts["local"])
-    c = local.controller  # [M]
-    ones = [
-        LinearGaussianController(*(t[m : m + 1] for t in (c.K, c.k, c.covariance)))
-        for m in range(cfg.conditions)
-    ]
-    return [StepPolicy(controller_actions(one, None, noise=False), spec, horizon) for one in ones]
+    ones = [local.controller.condition(m) for m in range(cfg.conditions)]
+    return [StepPolicy(one.mean_action, spec, horizon) for one in ones]
 
 
 def _mpc_model(
@@ -343,12 +340,11 @@ def evaluate_run(
     loaded = load_run(path, checkpoint)
     spec = _played_spec(loaded)
     starts = _starts(loaded, starts)
-    max_steps = None
-    if starts == "resets" and loaded.algo not in ("gps", "lqr-flm"):
-        policies = [build_policy(loaded, spec, dev, seed)]
-    else:
-        policies = condition_policies(loaded, spec, dev)
-        max_steps = local_horizon(loaded.cfg, spec)
+    local = loaded.algo in LOCAL_ALGOS
+    policies = (
+        condition_policies(loaded, spec, dev) if local else [build_policy(loaded, spec, dev, seed)]
+    )
+    max_steps = local_horizon(loaded.cfg, spec) if local else None
     m = len(policies)
     if episodes is None:
         episodes = m if starts == "conditions" else 5
@@ -411,7 +407,7 @@ def _starts(loaded: LoadedRun, starts: str | None) -> str:
             f"start condition ({loaded.cfg.conditions} here), and play only from those; use "
             "--starts conditions (the default)"
         )
-    if loaded.algo != "gps":
+    if loaded.algo not in LOCAL_ALGOS:
         raise ValueError(
             f"--starts {starts}: {loaded.algo} runs have no start conditions (only gps and "
             "lqr-flm runs do); leave --starts out and pick the resets with --seed"
