@@ -157,8 +157,8 @@ class MujocoModel:
                     f"has {m.nq} + {m.nv}; the observation does not determine the simulator "
                     "state. Pass obs_to_state and state_to_obs if it does (e.g. angles as "
                     "cos/sin; gymnasium envs that drop x: make them with "
-                    "exclude_current_positions_from_observation=False), or plan with a "
-                    "learned model"
+                    "exclude_current_positions_from_observation=False; for reacher and pusher "
+                    "mbrl.envs.truth.ground_truth has them), or plan with a learned model"
                 )
             obs_to_state, state_to_obs = self._identity_maps()
         self.obs_to_state = obs_to_state

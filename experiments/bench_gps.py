@@ -37,7 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 
@@ -45,7 +44,7 @@ from mbrl import envs
 from mbrl.algorithms import gps, lqr_flm
 from mbrl.config import load_config
 from mbrl.control import MPCController, run_episode
-from mbrl.dynamics.mujoco_model import MujocoModel
+from mbrl.envs.truth import ReacherTruth
 from mbrl.planners import ILQR, PlanningProblem
 from mbrl.presets import get as preset
 from mbrl.runs import Run
@@ -129,60 +128,6 @@ def policy(seeds: list[int], root: Path) -> None:
 
 
 # ---------------------------------------------------------------- Reacher
-
-
-def _reacher_obs_to_state(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reacher-v5 ``obs [B, 10] = [cos q, sin q, target, q_dot, fingertip - target]`` ->
-    ``qpos [B, 4] = [q1, q2, target_x, target_y]``, ``qvel [B, 4]`` (the target's joints never
-    move: zero)."""
-    q = np.arctan2(obs[:, 2:4], obs[:, 0:2])
-    qpos = np.concatenate([q, obs[:, 4:6]], axis=1)
-    qvel = np.concatenate([obs[:, 6:8], np.zeros_like(obs[:, 6:8])], axis=1)
-    return qpos, qvel
-
-
-def _reacher_state_to_obs(qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
-    """The inverse map: the fingertip (body ``fingertip``, 0.11 m along link 1, link 0 of
-    0.1 m) from the joint angles."""
-    q1, q12 = qpos[:, 0], qpos[:, 0] + qpos[:, 1]
-    tip = np.stack(
-        [0.1 * np.cos(q1) + 0.11 * np.cos(q12), 0.1 * np.sin(q1) + 0.11 * np.sin(q12)], axis=1
-    )
-    target = qpos[:, 2:4]
-    return np.concatenate(
-        [np.cos(qpos[:, :2]), np.sin(qpos[:, :2]), target, qvel[:, :2], tip - target], axis=1
-    )
-
-
-class ReacherTruth(MujocoModel):
-    """Reacher-v5's simulator behind the model seam, through the maps above. The model's own
-    mapping check draws every velocity at random; the target's slide joints never move in the
-    env (nothing acts on them and they start at rest), so here the check draws them at zero
-    and also compares ``state_to_obs`` with the env's own observation."""
-
-    def __init__(self, env: gym.Env) -> None:
-        super().__init__(
-            env, obs_to_state=_reacher_obs_to_state, state_to_obs=_reacher_state_to_obs
-        )
-
-    def _check_mapping(self, base: gym.Env) -> None:
-        import mujoco
-
-        m, d = self.mj_model, base.data
-        rng = np.random.default_rng(0)
-        qpos = m.qpos0[None] + rng.normal(0.0, 0.1, (4, m.nq))
-        qvel = np.concatenate([rng.normal(0.0, 1.0, (4, 2)), np.zeros((4, 2))], axis=1)
-        obs = self.state_to_obs(qpos, qvel)
-        env_obs = []
-        for i in range(4):
-            d.qpos[:], d.qvel[:] = qpos[i], qvel[i]
-            mujoco.mj_forward(m, d)
-            env_obs.append(base._get_obs())
-        if not np.allclose(np.stack(env_obs), obs, atol=1e-8):
-            raise ValueError("the Reacher observation map disagrees with Reacher-v5's _get_obs")
-        q2, v2 = self.obs_to_state(obs)
-        if not (np.allclose(q2, qpos, atol=1e-8) and np.allclose(v2, qvel, atol=1e-8)):
-            raise ValueError("the Reacher maps are not inverse to each other")
 
 
 def ilqr_mpc_returns(seeds: list[int], horizon: int, iterations: int) -> tuple[list[float], float]:

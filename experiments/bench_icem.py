@@ -3,12 +3,13 @@
 Pinneri et al. 2020 ("Sample-efficient Cross-Entropy Method for Real-time Planning") plan with
 the simulator itself and report that iCEM needs 2.7 to 22 times fewer samples than CEM for the
 same return. This script plans the same way on a MuJoCo task of the registry (``--env``, default
-``cartpole-swingup``, PETS's cart-pole): the ground-truth model
-(:meth:`~mbrl.dynamics.mujoco_model.MujocoModel.from_spec`, batched MuJoCo rollouts of the env's
-own model) under one MPC controller with the shifted warm start, for CEM and for iCEM (colored
-noise, kept and shifted elites, population decay: ``--planner icem``'s defaults of ``mbrl run``)
-at each population of ``--populations``, the same horizon, iterations, elite share and
-smoothing, on the same episodes (reset seeds ``episode_seed(seed, i)``).
+``cartpole-swingup``, PETS's cart-pole; also ``reacher`` and ``pusher``): the ground-truth model
+(:func:`mbrl.envs.truth.ground_truth`, batched MuJoCo rollouts of the env's own model; on
+``pusher`` the planner also sees the object's velocity, which Pusher-v5's observation omits)
+under one MPC controller with the shifted warm start, for CEM and for iCEM (colored noise, kept
+and shifted elites, population decay: ``--planner icem``'s defaults of ``mbrl run``) at each
+population of ``--populations``, the same horizon, iterations, elite share and smoothing, on
+the same episodes (reset seeds ``episode_seed(seed, i)``).
 
 A plan's samples are counted, not derived: every candidate row the planner passes to
 ``PlanningProblem.evaluate`` (iCEM's shrinking populations, its kept elites and the final
@@ -35,7 +36,7 @@ from mbrl import envs
 from mbrl.algorithms.factory import PlannerConfig, make_planner
 from mbrl.algorithms.mpc_loop import episode_seed
 from mbrl.control import MPCController, run_episode
-from mbrl.dynamics.mujoco_model import MujocoModel
+from mbrl.envs.truth import ground_truth
 from mbrl.planners import PlanningProblem
 
 
@@ -52,7 +53,7 @@ class CountingProblem(PlanningProblem):
 def run_setting(args: argparse.Namespace, name: str, population: int) -> dict:
     """Episodes of MPC with planner ``name`` at ``population`` on the true model."""
     spec = envs.make(args.env)
-    model = MujocoModel.from_spec(spec, nthread=1)
+    make_env, model = ground_truth(args.env, nthread=1)
     gen = torch.Generator().manual_seed(args.seed)
     low, high = spec.action_bounds()
     problem = CountingProblem(
@@ -70,7 +71,7 @@ def run_setting(args: argparse.Namespace, name: str, population: int) -> dict:
     returns, plans = [], 0
     w0, c0 = time.perf_counter(), time.process_time()
     for i in range(args.episodes):
-        env = spec.make()
+        env = make_env()
         try:
             with torch.inference_mode():
                 ep = run_episode(env, controller, seed=episode_seed(args.seed, i))
