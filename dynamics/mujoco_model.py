@@ -67,6 +67,37 @@ _CTRL = mujoco.mjtState.mjSTATE_CTRL.value
 _LINEARIZE_METHODS = ("auto", "transition_fd", "rollout_fd")
 
 
+def env_observations(
+    base: gym.Env,
+    qpos: np.ndarray,
+    qvel: np.ndarray,
+    obs_fn: Callable[[], np.ndarray],
+    step: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``obs_fn()`` of the MuJoCo env ``base`` at each state ``qpos [B, nq]``, ``qvel [B, nv]``,
+    or one simulator step (zero control) after it with ``step``: the observations ``[B, X]``
+    and the states ``(qpos, qvel)`` they were taken at. The env's data is restored afterwards.
+    Used to check observation maps against the env's own observation."""
+    m, d = base.model, base.data
+    sig = mujoco.mjtState.mjSTATE_INTEGRATION.value
+    saved = np.empty(mujoco.mj_stateSize(m, sig))
+    mujoco.mj_getState(m, d, saved, sig)
+    try:
+        obs, qs, vs = [], [], []
+        for q, v in zip(qpos, qvel, strict=True):
+            d.qpos[:], d.qvel[:], d.ctrl[:] = q, v, 0.0
+            mujoco.mj_forward(m, d)
+            if step:
+                mujoco.mj_step(m, d)
+            obs.append(np.asarray(obs_fn(), dtype=np.float64).ravel())
+            qs.append(d.qpos.copy())
+            vs.append(d.qvel.copy())
+    finally:
+        mujoco.mj_setState(m, d, saved, sig)
+        mujoco.mj_forward(m, d)
+    return np.stack(obs), np.stack(qs), np.stack(vs)
+
+
 class MujocoModel:
     """The true dynamics of a gymnasium MuJoCo env as a :class:`DynamicsModel`.
 
@@ -211,7 +242,7 @@ class MujocoModel:
         restored); a given mapping (which may describe a wrapped env's observation) is checked
         for the round trip ``obs_to_state(state_to_obs(s)) == s``.
         """
-        m, d = self.mj_model, base.data
+        m = self.mj_model
         rng = np.random.default_rng(0)
         qpos = m.qpos0[None] + rng.normal(0.0, 0.1, (4, m.nq))  # [4, nq]
         qpos[:, list(self.unobserved_qpos)] = m.qpos0[list(self.unobserved_qpos)]
@@ -222,19 +253,7 @@ class MujocoModel:
                 f"state_to_obs returned shape {obs.shape}, expected (4, {self.obs_dim})"
             )
         if self._identity and hasattr(base, "_get_obs"):
-            saved = np.empty(mujoco.mj_stateSize(m, mujoco.mjtState.mjSTATE_INTEGRATION.value))
-            sig = mujoco.mjtState.mjSTATE_INTEGRATION.value
-            mujoco.mj_getState(m, d, saved, sig)
-            try:
-                env_obs = []
-                for i in range(4):
-                    d.qpos[:], d.qvel[:] = qpos[i], qvel[i]
-                    mujoco.mj_forward(m, d)
-                    env_obs.append(np.asarray(base._get_obs(), dtype=np.float64).ravel())
-            finally:
-                mujoco.mj_setState(m, d, saved, sig)
-                mujoco.mj_forward(m, d)
-            env_obs = np.stack(env_obs)
+            env_obs, _, _ = env_observations(base, qpos, qvel, base._get_obs)
             if env_obs.shape != obs.shape or not np.allclose(env_obs, obs, atol=1e-8):
                 raise ValueError(
                     f"{self.env_name}: its observation is not state_to_obs(qpos, qvel) (checked "

@@ -36,7 +36,7 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
-from mbrl.dynamics.mujoco_model import MujocoModel
+from mbrl.dynamics.mujoco_model import MujocoModel, env_observations
 from mbrl.envs.registry import make as make_spec
 
 __all__ = ["PusherFullState", "PusherTruth", "ReacherTruth", "ground_truth"]
@@ -53,38 +53,17 @@ def _perturbed_states(m: mujoco.MjModel, still: list[int]) -> tuple[np.ndarray, 
     return qpos, qvel
 
 
-def _env_obs(
-    base: gym.Env, qpos: np.ndarray, qvel: np.ndarray, obs_fn, step: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``obs_fn()`` of ``base`` at each state, or one simulator step (zero control) after it
-    with ``step``; returns the observations and the states they were taken at. The env's data
-    is restored afterwards."""
-    m, d = base.model, base.data
-    sig = mujoco.mjtState.mjSTATE_INTEGRATION.value
-    saved = np.empty(mujoco.mj_stateSize(m, sig))
-    mujoco.mj_getState(m, d, saved, sig)
-    try:
-        obs, qs, vs = [], [], []
-        for q, v in zip(qpos, qvel, strict=True):
-            d.qpos[:], d.qvel[:], d.ctrl[:] = q, v, 0.0
-            mujoco.mj_forward(m, d)
-            if step:
-                mujoco.mj_step(m, d)
-            obs.append(np.asarray(obs_fn(), dtype=np.float64).ravel())
-            qs.append(d.qpos.copy())
-            vs.append(d.qvel.copy())
-    finally:
-        mujoco.mj_setState(m, d, saved, sig)
-        mujoco.mj_forward(m, d)
-    return np.stack(obs), np.stack(qs), np.stack(vs)
-
-
 def _check_against_env(
-    model: MujocoModel, obs_fn, qpos: np.ndarray, qvel: np.ndarray, step: bool = False
+    model: MujocoModel,
+    base: gym.Env,
+    obs_fn,
+    qpos: np.ndarray,
+    qvel: np.ndarray,
+    step: bool = False,
 ) -> None:
     """``state_to_obs`` equals the env's observation (at the states, or one step after them)
     and ``obs_to_state`` inverts it."""
-    env_obs, qpos, qvel = _env_obs(model._base, qpos, qvel, obs_fn, step)
+    env_obs, qpos, qvel = env_observations(base, qpos, qvel, obs_fn, step)
     obs = model.state_to_obs(qpos, qvel)
     if env_obs.shape != obs.shape or not np.allclose(env_obs, obs, atol=_ATOL):
         raise ValueError(f"the {model.env_name} observation map disagrees with the env's own")
@@ -127,7 +106,6 @@ class ReacherTruth(MujocoModel):
     """
 
     def __init__(self, env: gym.Env, nthread: int | None = 1) -> None:
-        self._base = env.unwrapped
         super().__init__(
             env,
             obs_to_state=reacher_obs_to_state,
@@ -137,7 +115,7 @@ class ReacherTruth(MujocoModel):
 
     def _check_mapping(self, base: gym.Env) -> None:
         qpos, qvel = _perturbed_states(self.mj_model, still=[2, 3])
-        _check_against_env(self, base._get_obs, qpos, qvel)
+        _check_against_env(self, base, base._get_obs, qpos, qvel)
 
 
 # ---------------------------------------------------------------- Pusher-v5
@@ -181,8 +159,7 @@ class PusherTruth(MujocoModel):
                 "PusherTruth plans on PusherFullState's observation (the env's 23 entries do "
                 "not determine the object's velocity): wrap the env, PusherFullState(env)"
             )
-        self._base = base = env.unwrapped
-        m = base.model
+        m = env.unwrapped.model
         if m.opt.integrator != mujoco.mjtIntegrator.mjINT_EULER.value:
             raise ValueError("PusherTruth's observation map assumes Pusher-v5's Euler integrator")
         self._h = float(m.opt.timestep)
@@ -236,7 +213,7 @@ class PusherTruth(MujocoModel):
         def full_obs() -> np.ndarray:
             return np.concatenate([base._get_obs(), base.data.qvel[_PUSHER_HIDDEN]])
 
-        _check_against_env(self, full_obs, qpos, qvel, step=True)
+        _check_against_env(self, base, full_obs, qpos, qvel, step=True)
 
 
 # ---------------------------------------------------------------- entry point
