@@ -4,6 +4,7 @@
     python experiments/bench_gps.py policy       # MDGPS: the policy alone against the local
                                                  # controllers, training and held-out starts
     python experiments/bench_gps.py reacher --sac-runs runs/   # GPS vs iLQR-MPC vs SAC
+    python experiments/bench_gps.py reacher-optima  # iLQR-MPC against one full-horizon iLQR
 
 ``point-mass``: ``mbrl run lqr-flm --preset lqr_flm_point_mass`` with ``iterations=4`` on seeds
 0-4 (one start at (0, 5), 5 samples of 100 steps per iteration: 2,000 env steps); the final
@@ -23,6 +24,13 @@ arm's start and the target); SAC's evaluation return at 20,000 env steps from th
 ``<sac-runs>/sac-reacher-s<seed>`` written by ``mbrl run sac --env reacher --seed S
 total_steps=20000 --name sac-reacher-sS`` (SAC's evaluations use its own reset seeds: other
 targets; its mean over 5 episodes is the comparison).
+
+``reacher-optima``: on the truth, from each of the 4 training conditions of seeds 0-2 (no
+learning): iLQR-MPC's return; one iLQR solve of the whole episode (T = 50, up to 200
+iterations) from iLQR's default guess, played open loop; and the same solve warm-started from the
+actions iLQR-MPC played. A time-varying controller from one start (LQR-FLM's, GPS's) is a local
+method over the whole episode, like the second: the bench says how far that one's optimum is from
+the receding-horizon one's.
 
 Prints one JSON object per measurement; runs on one thread (``OMP_NUM_THREADS=1``).
 """
@@ -45,7 +53,7 @@ from mbrl.algorithms import gps, lqr_flm
 from mbrl.config import load_config
 from mbrl.control import MPCController, run_episode
 from mbrl.envs.truth import ReacherTruth
-from mbrl.planners import ILQR, PlanningProblem
+from mbrl.planners import ILQR, PlanningProblem, WarmStart
 from mbrl.presets import get as preset
 from mbrl.runs import Run
 
@@ -146,6 +154,61 @@ def ilqr_mpc_returns(seeds: list[int], horizon: int, iterations: int) -> tuple[l
     return returns, time.process_time() - t0
 
 
+def _played_return(spec, seed: int, actions: np.ndarray) -> float:
+    env = spec.make()
+    env.reset(seed=seed)
+    return float(sum(env.step(np.asarray(a, dtype=np.float64))[1] for a in actions))
+
+
+def reacher_optima(seeds: list[int], horizon: int, iterations: int) -> None:
+    """iLQR-MPC against one whole-episode iLQR solve on the truth, from the GPS conditions."""
+    spec = envs.make("reacher")
+    model = ReacherTruth(spec.make())
+    low, high = spec.action_bounds("cpu")
+    steps = spec.max_episode_steps
+    conditions = load_config(gps.Config, preset("gps_reacher").path, []).conditions
+    for seed in seeds:
+        rows = []
+        for m in range(conditions):
+            s = lqr_flm.condition_seed(seed, m)
+
+            def problem(h: int, s: int = s) -> PlanningProblem:
+                return PlanningProblem(
+                    model, spec.reward_fn, spec.termination_fn, h, low, high, 1,
+                    torch.Generator().manual_seed(s),
+                )  # fmt: skip
+
+            controller = MPCController(ILQR(max_iterations=iterations), problem(horizon))
+            controller.reset()
+            env = spec.make()
+            obs, _ = env.reset(seed=s)
+            x0, mpc_actions = torch.as_tensor(obs, dtype=torch.float64), []
+            for _ in range(steps):
+                mpc_actions.append(np.asarray(controller.act(obs), dtype=np.float64))
+                obs = env.step(mpc_actions[-1])[0]
+            whole = ILQR(max_iterations=200)
+            cold = whole.plan(problem(steps), x0)
+            warm = whole.plan(problem(steps), x0, WarmStart(torch.as_tensor(np.stack(mpc_actions))))
+            rows.append(
+                {
+                    "mpc": _played_return(spec, s, mpc_actions),
+                    "whole_cold": _played_return(spec, s, cold.actions.numpy()),
+                    "whole_from_mpc": _played_return(spec, s, warm.actions.numpy()),
+                }
+            )
+        print(
+            json.dumps(
+                {
+                    "bench": "reacher-optima",
+                    "seed": seed,
+                    "conditions": [{k: round(v, 3) for k, v in r.items()} for r in rows],
+                    **{k: round(float(np.mean([r[k] for r in rows])), 3) for k in rows[0]},
+                }
+            ),
+            flush=True,
+        )
+
+
 def sac_returns_from(folder: Path, seeds: list[int]) -> list[float] | None:
     """The deterministic policy of SAC's last checkpoint played once from each reset seed
     (the GPS run's start states), as ``mbrl eval`` plays it; ``None`` without a checkpoint."""
@@ -216,7 +279,7 @@ def reacher(seeds: list[int], root: Path, sac_runs: Path | None, horizon: int, i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bench", choices=["point-mass", "policy", "reacher"])
+    parser.add_argument("bench", choices=["point-mass", "policy", "reacher", "reacher-optima"])
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--runs-dir", type=Path, help="where the runs go (default: a temp dir)")
     parser.add_argument("--sac-runs", type=Path, help="reacher: folder of the SAC run folders")
@@ -230,6 +293,8 @@ def main() -> None:
             point_mass(args.seeds or [0, 1, 2, 3, 4], root)
         elif args.bench == "policy":
             policy(args.seeds or [0, 1, 2, 3, 4], root)
+        elif args.bench == "reacher-optima":
+            reacher_optima(args.seeds or [0, 1, 2], args.ilqr_horizon, args.ilqr_iterations)
         else:
             reacher(
                 args.seeds or [0, 1, 2],
