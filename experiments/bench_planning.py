@@ -21,10 +21,12 @@ achieved GFLOP/s over the mean of its two bursts', computed twice: from CPU time
 (``time.process_time``, all threads of this process) and from wall time; the JSON has the
 median over rounds of each, and the plan's median CPU and wall seconds. The bfloat16 speedup is
 the ratio of the median plan CPU seconds of the two dtypes in the same run. ``--profile`` also
-prints where one plan's time goes (``torch.profiler``: matmuls, activation, noise, the rest).
+prints where one plan's time goes (``torch.profiler``: matmuls, activation, noise, the rest);
+``--kernels`` times one hidden layer alone at the plan's shape: its ``bmm`` against the same-run
+peak and the SiLU on its output, and the fraction of peak a plan made of nothing else would reach.
 
     python experiments/bench_planning.py [--threads 1 2] [--dtypes float32 auto] [--rounds 5]
-        [--settings cartpole halfcheetah] [--profile] [--device cuda]
+        [--settings cartpole halfcheetah] [--profile] [--kernels] [--device cuda]
 
 ``--dtypes auto`` is the dtype :func:`~mbrl.dynamics.ensemble.auto_planning_dtype` picks here
 (bfloat16 on CPUs with AVX512-BF16 or AMX and on GPUs, else float32); the choice and its
@@ -269,6 +271,45 @@ def profile(name: str, dtype: torch.dtype, device: torch.device) -> dict:
     }
 
 
+def kernels(name: str, dtype: torch.dtype, device: torch.device, rounds: int, burst: float) -> dict:
+    """One hidden layer of a plan at its real shape: the ``bmm`` ``[E, H, H + 1] x [E, H + 1, M]``
+    (``M`` rows per member) against the same-run peak, and the in-place SiLU on its output, in
+    CPU seconds per call (medians over interleaved rounds: peak, bmm, SiLU, peak)."""
+    s = SETTINGS[name]
+    h, m = s["hidden"], s["population"] * PARTICLES // ENSEMBLE
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(ENSEMBLE, h, h + 1, generator=g).to(device, dtype)
+    a = torch.randn(ENSEMBLE, h + 1, m, generator=g).to(device, dtype)
+    out = torch.empty(ENSEMBLE, h, m, device=device, dtype=dtype)
+    peak = Peak(dtype, device, burst)
+    reps = 20
+    flops = 2 * ENSEMBLE * h * (h + 1) * m
+
+    def layer() -> None:
+        for _ in range(reps):
+            torch.bmm(w, a, out=out)
+
+    def silu() -> None:
+        for _ in range(reps):
+            torch.nn.functional.silu(out, inplace=True)
+
+    peaks, mm, act = [], [], []
+    for _ in range(rounds):
+        peaks.append(peak.measure()[0])
+        mm.append(_timed(layer, device)[0] / reps)
+        act.append(_timed(silu, device)[0] / reps)
+        peaks.append(peak.measure()[0])
+    p, t_mm, t_act = statistics.median(peaks), statistics.median(mm), statistics.median(act)
+    return {
+        "layer_shape": f"[{ENSEMBLE}, {h}, {h + 1}] x [{ENSEMBLE}, {h + 1}, {m}]",
+        "bmm_fraction_of_peak_cpu": round(flops / t_mm / 1e9 / p, 4),
+        "silu_ns_per_element_cpu": round(t_act / out.numel() * 1e9, 4),
+        "silu_over_bmm": round(t_act / t_mm, 4),
+        "bound_bmm_and_silu_only": round(flops / (t_mm + t_act) / 1e9 / p, 4),
+        "peak_gflops_cpu": round(p, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per setting")
@@ -280,6 +321,9 @@ def main() -> None:
     parser.add_argument("--burst", type=float, default=0.5, help="CPU seconds of each peak burst")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", action="store_true", help="also profile one plan per dtype")
+    parser.add_argument(
+        "--kernels", action="store_true", help="also time one hidden layer's bmm and SiLU alone"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     auto, why = auto_planning_dtype(device)
@@ -315,6 +359,11 @@ def main() -> None:
                 )
             if args.profile:
                 r["profile"] = {d: profile(name, dt, device) for d, dt in dtypes.items()}
+            if args.kernels:
+                r["kernels"] = {
+                    d: kernels(name, dt, device, args.rounds, args.burst)
+                    for d, dt in dtypes.items()
+                }
         result["threads"][str(threads)] = by_setting
     print(json.dumps(result, indent=2))
 
